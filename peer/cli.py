@@ -1,0 +1,63 @@
+"""`tsotsa-peer`: joins a lab machine to the swarm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tsotsa.console import parse_dtype, run_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="A tsotsa peer.")
+
+
+@app.callback()
+def main() -> None:
+    """A peer hosts a span of the model's blocks for the swarm."""
+
+
+@app.command()
+def join(
+    coordinator: str = typer.Option(..., help="Coordinator address HOST:PORT."),
+    model: Path = typer.Option(None, "--model", help="Local copy of the checkpoint (else blocks are fetched)."),
+    blocks: str = typer.Option(None, help="Span START:END to serve (default: what the swarm needs most)."),
+    num_blocks: int = typer.Option(None, help="How many blocks to take when --blocks is not given."),
+    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    quant: str = typer.Option("none", help="none, nf4 or int8 (bitsandbytes)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(0, help="gRPC port (0 picks a free one)."),
+    announce_host: str = typer.Option(None, help="Address others reach this peer at (default: --host)."),
+    cache_dir: Path = typer.Option(None, help="Where fetched blocks are cached (default ~/.cache/tsotsa)."),
+    max_sessions: int = typer.Option(32, help="Concurrent inference sessions."),
+    cache_mib: int = typer.Option(2048, help="KV-cache budget in MiB over all sessions."),
+    session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
+    drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for open sessions."),
+    threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
+) -> None:
+    """Serve a span of the coordinator's model until SIGTERM (which drains open sessions first)."""
+
+    def body() -> None:
+        from tsotsa.peer.server import PeerOptions, serve_peer
+        from tsotsa.peer.service import PeerLimits
+        from tsotsa.remote import default_cache_dir
+        from tsotsa.spans import QUANT_MODES, parse_span
+
+        if quant not in QUANT_MODES:
+            raise ValueError(f"unknown --quant {quant!r}; expected one of {', '.join(QUANT_MODES)}")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda, but this machine's torch sees no CUDA device")
+        options = PeerOptions(
+            coordinator=coordinator, model_dir=model, blocks=parse_span(blocks) if blocks else None,
+            num_blocks=num_blocks, device=device, quant=quant, dtype=parse_dtype(dtype), host=host, port=port,
+            announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
+            limits=PeerLimits(max_sessions=max_sessions, max_cache_bytes=cache_mib << 20,
+                              session_timeout=session_timeout),
+            drain_timeout=drain_timeout, threads=threads,
+        )
+        serve_peer(options, say=lambda line: print(line, flush=True))
+
+    run_command(body)

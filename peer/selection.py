@@ -1,0 +1,56 @@
+"""Which blocks a joining peer takes when it is not told: the contiguous span the swarm needs most."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+from transformers import LlamaConfig
+
+from tsotsa.dht import ServerRecord
+from tsotsa.spans import SpanSpec
+
+# Bytes per weight in memory, by quantization (NF4 stores 4 bits plus one absmax per 64 weights).
+BYTES_PER_WEIGHT = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64}
+MEMORY_FRACTION = 0.6
+
+
+def block_parameter_count(config: LlamaConfig) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    mlp = 3 * config.hidden_size * config.intermediate_size
+    return attention + mlp + 2 * config.hidden_size
+
+
+def blocks_that_fit(config: LlamaConfig, quant: str, dtype: torch.dtype, device: str, reserve_bytes: int) -> int:
+    """How many blocks this machine can hold next to `reserve_bytes` of KV cache, at least one."""
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = psutil.virtual_memory().available
+    per_weight = BYTES_PER_WEIGHT.get(quant, torch.empty((), dtype=dtype).element_size())
+    per_block = block_parameter_count(config) * per_weight
+    budget = free * MEMORY_FRACTION - reserve_bytes
+    return max(1, min(config.num_hidden_layers, int(budget // per_block)))
+
+
+def choose_span(servers: list[ServerRecord], num_blocks: int, length: int) -> SpanSpec:
+    """The window of `length` blocks whose weakest block has the least throughput (ties: least in total).
+
+    Peers still joining count with the median throughput of the others, so two machines joining at once
+    do not both pile onto the same gap.
+    """
+    length = max(1, min(length, num_blocks))
+    online = sorted(s.throughput for s in servers if s.state == "online" and s.throughput > 0)
+    nominal = online[len(online) // 2] if online else 1.0
+    coverage = [0.0] * num_blocks
+    for server in servers:
+        if server.state == "draining":
+            continue
+        value = server.throughput if server.state == "online" else nominal
+        for index in range(max(0, server.start), min(num_blocks, server.end)):
+            coverage[index] += value
+    best = min(
+        range(num_blocks - length + 1),
+        key=lambda start: (min(coverage[start:start + length]), sum(coverage[start:start + length]), start),
+    )
+    return SpanSpec(best, best + length)

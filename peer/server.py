@@ -1,0 +1,152 @@
+"""`tsotsa-peer join`: load a span, serve it over gRPC, announce it in the DHT, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from tsotsa.checkpoint import Checkpoint, block_prefix, config_from_json
+from tsotsa.dht import ServerRecord, announce, find_servers, start_dht
+from tsotsa.errors import CheckpointError, TsotsaError
+from tsotsa.remote import GRPC_OPTIONS, CoordinatorClient, cached_checkpoint, default_cache_dir
+from tsotsa.spans import BlockSpan, SpanSpec
+from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+from tsotsa.peer.selection import blocks_that_fit, choose_span
+from tsotsa.peer.service import PeerLimits, PeerService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerOptions:
+    coordinator: str
+    model_dir: Path | None = None
+    blocks: SpanSpec | None = None
+    num_blocks: int | None = None
+    device: str = "cpu"
+    quant: str = "none"
+    dtype: torch.dtype = torch.float32
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_host: str | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    limits: PeerLimits = field(default_factory=PeerLimits)
+    heartbeat: float = 5.0
+    record_ttl: float = 15.0
+    drain_timeout: float = 60.0
+    threads: int | None = None
+
+
+def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
+    """Tokens/s of a one-token decode step through the whole span, after a short prefill."""
+    hidden = torch.zeros(1, 8, span.config.hidden_size)
+    mask = torch.ones(1, 8, dtype=torch.long)
+    cache = span.new_cache()
+    span(hidden, mask, torch.arange(8).unsqueeze(0), cache)
+    began = 0.0
+    for step in range(steps + 1):  # the first decode step warms up and is not counted
+        if step == 1:
+            began = time.perf_counter()
+        mask = torch.ones(1, 9 + step, dtype=torch.long)
+        span(hidden[:, :1], mask, torch.tensor([[8 + step]]), cache)
+    return steps / max(time.perf_counter() - began, 1e-9)
+
+
+def load_span(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, spec: SpanSpec
+              ) -> tuple[BlockSpan, Checkpoint]:
+    """Reads only the span's tensors: from --model when given, else from the coordinator into the cache."""
+    config = config_from_json(info.config_json)
+    if options.model_dir is not None:
+        source = Checkpoint.open(options.model_dir)
+        if source.model_id != info.model_id:
+            raise CheckpointError(f"{options.model_dir} holds model {source.model_id}, "
+                                  f"but the coordinator serves {info.model_id}")
+    else:
+        source = cached_checkpoint(client, info, options.cache_dir, blocks=range(spec.start, spec.end))
+    tensors = source.read_prefixes([block_prefix(i) for i in range(spec.start, spec.end)])
+    span = BlockSpan(config, spec, tensors, device=options.device, dtype=options.dtype, quant=options.quant)
+    return span, source
+
+
+def serve_peer(options: PeerOptions, say=print) -> None:
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    client = CoordinatorClient(options.coordinator)
+    info = client.model_info()
+    config = config_from_json(info.config_json)
+    num_blocks = config.num_hidden_layers
+    if options.blocks is not None and options.blocks.end > num_blocks:
+        raise TsotsaError(f"blocks {options.blocks} are outside the model's {num_blocks} blocks")
+    dht = start_dht(list(info.dht_initial_peers), host=options.host)
+    try:
+        peer_id = dht.peer_id.to_base58()
+        spec = options.blocks
+        if spec is None:
+            length = options.num_blocks or blocks_that_fit(config, options.quant, options.dtype, options.device,
+                                                            options.limits.max_cache_bytes)
+            spec = choose_span(list(find_servers(dht, info.model_id, num_blocks).values()), num_blocks, length)
+        record = ServerRecord(peer_id=peer_id, address="", start=spec.start, end=spec.end, state="joining",
+                              throughput=0.0, device=options.device, dtype=str(options.dtype).removeprefix("torch."),
+                              quant=options.quant)
+        announce(dht, info.model_id, record, options.record_ttl)
+        span, source = load_span(options, info, client, spec)
+        client.close()
+        record.throughput = measure_throughput(span)
+
+        service: PeerService | None = None
+
+        def peer_info() -> pb.PeerInfo:
+            return pb.PeerInfo(
+                model_id=info.model_id, peer_id=peer_id, start_block=spec.start, end_block=spec.end,
+                state=record.state, device=options.device, dtype=record.dtype, quant=options.quant,
+                throughput=record.throughput, open_sessions=service.sessions.open_count,
+                max_sessions=options.limits.max_sessions, cache_bytes_used=service.sessions.reserved_bytes,
+                cache_bytes_limit=options.limits.max_cache_bytes, checkpoint_bytes_read=source.bytes_read,
+                parameter_bytes_held=span.parameter_bytes, checkpoint_bytes_total=info.total_bytes,
+            )
+
+        service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info)
+        workers = options.limits.max_sessions + 8
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS,
+                             maximum_concurrent_rpcs=workers)
+        pb_grpc.add_PeerServicer_to_server(service, server)
+        port = server.add_insecure_port(f"{options.host}:{options.port}")
+        if port == 0:
+            raise TsotsaError(f"cannot listen on {options.host}:{options.port}")
+        server.start()
+        record.address = f"{options.announce_host or options.host}:{port}"
+        record.state = "online"
+        announce(dht, info.model_id, record, options.record_ttl)
+
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        say(f"serving blocks {spec} of {info.model_id} at {record.address} as {peer_id} "
+            f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device})")
+        while not stop.wait(options.heartbeat):
+            try:
+                announce(dht, info.model_id, record, options.record_ttl)
+            except Exception as error:  # a missed heartbeat is retried at the next one
+                logger.warning("heartbeat failed: %s", error)
+
+        # Drain: say so in the DHT (routes skip us), refuse new sessions, let open ones finish.
+        service.accepting = False
+        record.state = "draining"
+        announce(dht, info.model_id, record, options.record_ttl)
+        deadline = time.monotonic() + options.drain_timeout
+        while service.sessions.open_count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.stop(grace=1).wait()
+        say(f"left the swarm ({service.sessions.open_count} sessions still open at exit)")
+    finally:
+        dht.shutdown()
+

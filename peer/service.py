@@ -1,0 +1,195 @@
+"""The peer's gRPC service: Forward (stateless) and Inference (a stream holding a KV cache).
+
+Every request is validated against the model config and this peer's span before it touches the blocks;
+anything wrong is refused with a precise status code and the peer keeps serving. Computation is serialized
+by one lock, so concurrent sessions share the cores instead of oversubscribing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from tsotsa.codec import FLOAT_DTYPES, WireError, decode, encode
+from tsotsa.spans import BlockSpan, position_ids_from_mask
+from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+from tsotsa.peer.errors import PeerError
+from tsotsa.peer.sessions import Session, SessionTable
+
+logger = logging.getLogger(__name__)
+INDEX_DTYPES = ("int64", "int32")
+MASK_DTYPES = ("int64", "int32", "bool")
+
+
+@dataclass
+class PeerLimits:
+    max_sessions: int = 32
+    max_cache_bytes: int = 2 << 30
+    max_forward_tokens: int = 8192
+    session_timeout: float = 300.0
+
+
+class PeerService(pb_grpc.PeerServicer):
+    def __init__(self, span: BlockSpan, model_id: str, num_model_blocks: int, limits: PeerLimits,
+                 info: Callable[[], pb.PeerInfo]) -> None:
+        self.span, self.model_id, self.limits, self._info = span, model_id, limits, info
+        self.num_model_blocks = num_model_blocks
+        self.config = span.config
+        self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout)
+        self.accepting = True
+        self._compute = threading.Lock()
+
+    # ------------------------------------------------------------------ RPCs
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.PeerInfo:
+        return self._info()
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        try:
+            self._check_model_and_blocks(request.model_id, request.start_block, request.end_block)
+            hidden = self._decode_hidden(request.hidden_states)
+            batch, length = hidden.shape[:2]
+            if batch * length > self.limits.max_forward_tokens:
+                raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{batch * length} tokens exceed this peer's limit of "
+                                f"{self.limits.max_forward_tokens} per Forward")
+            mask = self._decode_mask(request, batch, length)
+            positions = self._decode_positions(request, batch, length, mask)
+            with self._compute:
+                output = self.span(hidden, mask, positions, None, request.start_block, request.end_block)
+            return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
+        except PeerError as error:
+            context.abort(error.code, error.message)
+        except Exception as error:  # a bug must not take the peer down: report it, keep serving
+            logger.exception("Forward failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"forward failed: {error}")
+
+    def Inference(self, requests: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
+                  ) -> Iterator[pb.InferenceResponse]:
+        session: Session | None = None
+        try:
+            for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session")
+                    session = self._open(request.session_id, request.open)
+                    yield pb.InferenceResponse(session_id=session.session_id, cache_length=0)
+                elif kind == "step":
+                    current = self.sessions.get(request.session_id)
+                    if session is None or current is not session:
+                        raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"session {request.session_id} was not opened on this stream")
+                    output = self._step(session, request.step)
+                    yield pb.InferenceResponse(session_id=session.session_id, hidden_states=output,
+                                               cache_length=session.length)
+                else:
+                    raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "request has neither open nor step")
+        except PeerError as error:
+            context.abort(error.code, error.message)
+        except grpc.RpcError:
+            return  # the client cancelled or went away; its session is closed below
+        except Exception as error:
+            logger.exception("Inference failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {error}")
+        finally:
+            if session is not None:
+                self.sessions.close(session.session_id)
+
+    # --------------------------------------------------------------- helpers
+
+    def _open(self, session_id: str, request: pb.OpenSession) -> Session:
+        if not self.accepting:
+            raise PeerError(grpc.StatusCode.UNAVAILABLE, "peer is draining and takes no new sessions")
+        self._check_model_and_blocks(request.model_id, request.start_block, request.end_block)
+        if request.batch_size < 1:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be at least 1")
+        limit = self.config.max_position_embeddings
+        if not 1 <= request.max_length <= limit:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in 1..{limit}")
+        blocks = request.end_block - request.start_block
+        reserved = self.span.cache_bytes(request.batch_size, request.max_length) * blocks // self.span.span.length
+        session = Session(
+            session_id=session_id, start=request.start_block, end=request.end_block, batch_size=request.batch_size,
+            max_length=request.max_length, reserved_bytes=reserved, cache=self.span.new_cache(),
+            attention_mask=torch.zeros(request.batch_size, 0, dtype=torch.long),
+        )
+        self.sessions.open(session)
+        return session
+
+    def _step(self, session: Session, step: pb.InferenceStep) -> pb.Tensor:
+        hidden = self._decode_hidden(step.hidden_states)
+        batch, length = hidden.shape[:2]
+        if batch != session.batch_size:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"hidden_states batch {batch} differs from the session's {session.batch_size}")
+        if session.length + length > session.max_length:
+            raise PeerError(grpc.StatusCode.OUT_OF_RANGE,
+                            f"{session.length} + {length} tokens exceed the session's max_length {session.max_length}")
+        new_mask = self._decode_mask(step, batch, length)
+        mask = torch.cat([session.attention_mask, new_mask], dim=1)
+        if step.HasField("position_ids"):
+            positions = self._decode_positions(step, batch, length, new_mask)
+        else:
+            positions = position_ids_from_mask(mask)[:, -length:]
+        with self._compute:
+            output = self.span(hidden, mask, positions, session.cache, session.start, session.end)
+        session.attention_mask = mask
+        return encode(output, hidden.dtype)
+
+    def _check_model_and_blocks(self, model_id: str, start: int, end: int) -> None:
+        if model_id != self.model_id:
+            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"this peer serves model {self.model_id}, not {model_id!r}")
+        num_blocks = self.num_model_blocks
+        if not start < end:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"empty block range {start}:{end}")
+        if end > num_blocks:
+            raise PeerError(grpc.StatusCode.OUT_OF_RANGE, f"blocks {start}:{end} are outside the model's {num_blocks}")
+        if start < self.span.span.start or end > self.span.span.end:
+            raise PeerError(grpc.StatusCode.OUT_OF_RANGE,
+                            f"blocks {start}:{end} are not served here (this peer serves {self.span.span})")
+
+    def _decode_hidden(self, message: pb.Tensor) -> torch.Tensor:
+        try:
+            hidden = decode(message, what="hidden_states", ndim=3, last_dim=self.config.hidden_size,
+                            allowed=FLOAT_DTYPES)
+        except WireError as error:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if hidden.shape[0] < 1 or hidden.shape[1] < 1:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden_states shape {list(hidden.shape)} is empty")
+        return hidden
+
+    def _decode_mask(self, message, batch: int, length: int) -> torch.Tensor:
+        if not message.HasField("attention_mask"):
+            return torch.ones(batch, length, dtype=torch.long)
+        mask = self._decode_index(message.attention_mask, "attention_mask", batch, length, MASK_DTYPES)
+        if ((mask != 0) & (mask != 1)).any():
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "attention_mask must hold only 0 and 1")
+        return mask.long()
+
+    def _decode_positions(self, message, batch: int, length: int, mask: torch.Tensor) -> torch.Tensor:
+        if not message.HasField("position_ids"):
+            return position_ids_from_mask(mask)
+        positions = self._decode_index(message.position_ids, "position_ids", batch, length, INDEX_DTYPES).long()
+        limit = self.config.max_position_embeddings
+        if ((positions < 0) | (positions >= limit)).any():
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"position_ids must be in 0..{limit - 1}")
+        return positions
+
+    @staticmethod
+    def _decode_index(message: pb.Tensor, what: str, batch: int, length: int, allowed: tuple[str, ...]) -> torch.Tensor:
+        try:
+            tensor = decode(message, what=what, ndim=2, allowed=allowed)
+        except WireError as error:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if tuple(tensor.shape) != (batch, length):
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{what} shape {list(tensor.shape)} does not match hidden_states ({batch}, {length})")
+        return tensor

@@ -1,0 +1,103 @@
+"""Inference sessions: each holds a KV cache for one client stream, within caps on count and bytes.
+
+The caps are checked when a session opens, against the bytes its cache reaches at `max_length`, so a
+peer refuses work with RESOURCE_EXHAUSTED instead of growing until the kernel kills it. Sessions idle past
+the timeout are reclaimed when capacity is needed; their streams then get NOT_FOUND ("expired").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from transformers import DynamicCache
+
+from tsotsa.peer.errors import PeerError
+
+MAX_SESSION_ID = 128
+REMEMBERED_EXPIRED = 1024
+
+
+@dataclass
+class Session:
+    session_id: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    reserved_bytes: int
+    cache: DynamicCache
+    attention_mask: torch.Tensor                  # [batch, tokens seen so far]
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+class SessionTable:
+    def __init__(self, max_sessions: int, max_cache_bytes: int, idle_timeout: float) -> None:
+        self.max_sessions, self.max_cache_bytes, self.idle_timeout = max_sessions, max_cache_bytes, idle_timeout
+        self._sessions: dict[str, Session] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(s.reserved_bytes for s in list(self._sessions.values()))
+
+    def open(self, session: Session) -> None:
+        if not session.session_id or len(session.session_id) > MAX_SESSION_ID:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"session id must have 1..{MAX_SESSION_ID} characters")
+        with self._lock:
+            self._expire_idle()
+            if session.session_id in self._sessions:
+                raise PeerError(grpc.StatusCode.ALREADY_EXISTS, f"session {session.session_id} is already open")
+            if len(self._sessions) >= self.max_sessions:
+                raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"peer is at its limit of {self.max_sessions} concurrent sessions")
+            used = sum(s.reserved_bytes for s in self._sessions.values())
+            if used + session.reserved_bytes > self.max_cache_bytes:
+                raise PeerError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"a KV cache of {session.reserved_bytes} bytes does not fit: {used} of "
+                    f"{self.max_cache_bytes} bytes are in use",
+                )
+            self._sessions[session.session_id] = session
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and time.monotonic() - session.last_used > self.idle_timeout:
+                self._forget(session_id)
+                session = None
+            if session is None:
+                if session_id in self._expired:
+                    raise PeerError(grpc.StatusCode.NOT_FOUND,
+                                    f"session {session_id} expired after {self.idle_timeout:g} s idle")
+                raise PeerError(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id!r}")
+            session.last_used = time.monotonic()
+            return session
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        for session_id in [i for i, s in self._sessions.items() if now - s.last_used > self.idle_timeout]:
+            self._forget(session_id)
+
+    def _forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._expired[session_id] = None
+        while len(self._expired) > REMEMBERED_EXPIRED:
+            self._expired.popitem(last=False)

@@ -1,0 +1,204 @@
+"""`SwarmModel`: a Llama whose transformer blocks live in the swarm; embeddings and LM head stay local.
+
+`generate()` follows `transformers` conventions (greedy or sampling with temperature/top-k/top-p through
+transformers' own logits warpers, left padding, eos, max_new_tokens) so that, on the same weights, the
+swarm produces the tokens `LlamaForCausalLM.generate` produces.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import hivemind
+import torch
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint, config_from_json
+from tsotsa.client.session import InferenceSession
+from tsotsa.client.swarm import Swarm
+from tsotsa.codec import decode, encode
+from tsotsa.dht import start_dht
+from tsotsa.errors import SwarmError
+from tsotsa.remote import CoordinatorClient, cached_checkpoint, default_cache_dir, describe_rpc_error
+from tsotsa.spans import position_ids_from_mask
+from tsotsa.v1 import tsotsa_pb2 as pb
+
+TokenCallback = Callable[[torch.Tensor], None]
+
+
+class SwarmModel:
+    def __init__(self, config: LlamaConfig, model_id: str, head: dict[str, torch.Tensor], dht: hivemind.DHT,
+                 tokenizer=None, wire_dtype: torch.dtype | None = None) -> None:
+        self.config, self.model_id, self.tokenizer, self.dht = config, model_id, tokenizer, dht
+        self.swarm = Swarm(dht, model_id, config.num_hidden_layers)
+        embed = head["model.embed_tokens.weight"]
+        self.dtype = embed.dtype
+        self.wire_dtype = wire_dtype or self.dtype
+        self.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm.weight = nn.Parameter(head["model.norm.weight"], requires_grad=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = nn.Parameter(head.get("lm_head.weight", embed), requires_grad=False)
+        self.last_generate_stats: dict[str, float] = {}
+
+    # ----------------------------------------------------------- construction
+
+    @classmethod
+    def from_coordinator(cls, address: str, *, cache_dir: Path | None = None, initial_peers: list[str] | None = None,
+                         wire_dtype: torch.dtype | None = None) -> "SwarmModel":
+        """Fetches the head and tokenizer once (cached on disk) and joins the DHT as a client."""
+        with CoordinatorClient(address) as client:
+            info = client.model_info()
+            checkpoint = cached_checkpoint(client, info, cache_dir or default_cache_dir(), head=True)
+        return cls._from_checkpoint(checkpoint, info.model_id, list(initial_peers or info.dht_initial_peers),
+                                    wire_dtype)
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: Path | str, initial_peers: list[str], *,
+                        wire_dtype: torch.dtype | None = None) -> "SwarmModel":
+        """Uses a local copy of the checkpoint for the head: works while the coordinator is down."""
+        checkpoint = Checkpoint.open(model_dir)
+        return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype)
+
+    @classmethod
+    def _from_checkpoint(cls, checkpoint: Checkpoint, model_id: str, initial_peers: list[str],
+                         wire_dtype: torch.dtype | None) -> "SwarmModel":
+        head = checkpoint.read_prefixes(HEAD_PREFIXES)
+        has_tokenizer = any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory) if has_tokenizer else None
+        dht = start_dht(initial_peers, client_mode=True)
+        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype)
+
+    def close(self) -> None:
+        self.swarm.close()
+        self.dht.shutdown()
+
+    def __enter__(self) -> "SwarmModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- compute
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden.to(self.dtype)))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, length, vocab] through stateless Forward calls along one route."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        hidden = self.embed_tokens(input_ids)
+        positions = position_ids_from_mask(mask)
+        banned: set[str] = set()
+        block = 0
+        while block < self.config.num_hidden_layers:
+            hop = self.swarm.route(block, exclude=frozenset(banned))[0]
+            request = pb.ForwardRequest(model_id=self.model_id, start_block=hop.start, end_block=hop.end,
+                                        hidden_states=encode(hidden, self.wire_dtype), attention_mask=encode(mask),
+                                        position_ids=encode(positions))
+            try:
+                reply = self.swarm.stub(hop.server.address).Forward(request, timeout=120)
+            except grpc.RpcError as error:
+                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise describe_rpc_error(hop.server.address, "peer", error) from None
+                banned.add(hop.server.peer_id)
+                continue
+            hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
+            block = hop.end
+        return self.logits(hidden)
+
+    def inference_session(self, batch_size: int, max_length: int) -> InferenceSession:
+        return InferenceSession(self.swarm, batch_size, max_length, self.wire_dtype)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        on_tokens: TokenCallback | None = None,
+    ) -> torch.Tensor:
+        """Returns prompt + new tokens [batch, prompt_length + generated], padded like transformers."""
+        if input_ids.ndim == 1:
+            input_ids = input_ids.unsqueeze(0)
+        batch, prompt_length = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or 0)
+        warpers = self._warpers(do_sample, temperature, top_k, top_p)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        unfinished = torch.ones(batch, dtype=torch.bool)
+        began = time.perf_counter()
+        first_token_at = None
+        with self.inference_session(batch, prompt_length + max_new_tokens) as session:
+            positions = position_ids_from_mask(mask)
+            hidden = session.step(self.embed_tokens(input_ids), mask, positions)
+            for produced in range(max_new_tokens):
+                scores = self.logits(hidden[:, -1]).float()
+                scores = warpers(input_ids, scores)
+                if do_sample:
+                    probs = torch.softmax(scores, dim=-1)
+                    next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+                else:
+                    next_tokens = scores.argmax(dim=-1)
+                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+                input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+                first_token_at = first_token_at or time.perf_counter()
+                if on_tokens is not None:
+                    on_tokens(next_tokens)
+                if eos is not None:
+                    unfinished &= next_tokens != eos
+                if not unfinished.any() or produced == max_new_tokens - 1:
+                    break
+                positions = positions[:, -1:] + 1
+                hidden = session.step(self.embed_tokens(next_tokens[:, None]), None, positions)
+            route = session.route
+        generated = input_ids.shape[1] - prompt_length
+        elapsed = time.perf_counter() - began
+        decode_time = time.perf_counter() - (first_token_at or began)
+        self.last_generate_stats = {
+            "new_tokens": generated,
+            "seconds": elapsed,
+            "tokens_per_s": (generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
+            "hops": len(route),
+        }
+        return input_ids
+
+    @staticmethod
+    def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+        """transformers' own warpers, in generate()'s order, so sampling matches it draw for draw."""
+        warpers = LogitsProcessorList()
+        if not do_sample:
+            return warpers
+        if temperature <= 0:
+            raise ValueError("temperature must be positive when sampling")
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k=top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p=top_p))
+        return warpers
+
+
+def require_tokenizer(model: SwarmModel):
+    if model.tokenizer is None:
+        raise SwarmError("the model has no tokenizer files; pass token ids instead of text")
+    return model.tokenizer

@@ -1,0 +1,169 @@
+"""Inference through the swarm: one KV-cached stream per hop, and recovery when a peer fails.
+
+The session remembers what it sent into every hop. When a hop's peer fails (dies, drains, runs out of
+cache), the session bans it, plans a new route for that hop's blocks, opens streams there and replays the
+remembered inputs to rebuild the KV caches; then the step goes on. The caller sees the same hidden
+states, and generation the same tokens, as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from tsotsa.client.routing import Hop
+from tsotsa.client.swarm import Swarm
+from tsotsa.codec import decode, encode
+from tsotsa.errors import SwarmError
+from tsotsa.v1 import tsotsa_pb2 as pb
+
+# Failures another peer may not have: retry elsewhere. Anything else is the caller's mistake.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ABORTED,
+}
+MAX_RECOVERIES = 8
+
+
+@dataclass
+class StepInputs:
+    hidden: torch.Tensor
+    mask: torch.Tensor | None
+    positions: torch.Tensor | None
+
+    def to_message(self, wire_dtype: torch.dtype) -> pb.InferenceStep:
+        step = pb.InferenceStep(hidden_states=encode(self.hidden, wire_dtype))
+        if self.mask is not None:
+            step.attention_mask.CopyFrom(encode(self.mask))
+        if self.positions is not None:
+            step.position_ids.CopyFrom(encode(self.positions))
+        return step
+
+
+class HopStream:
+    """A bidirectional Inference stream to one peer, holding that peer's KV cache for blocks [start, end)."""
+
+    def __init__(self, swarm: Swarm, hop: Hop, batch_size: int, max_length: int) -> None:
+        self.hop = hop
+        self.session_id = uuid.uuid4().hex
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = swarm.stub(hop.server.address).Inference(iter(self._requests.get, None))
+        opened = pb.OpenSession(model_id=swarm.model_id, start_block=hop.start, end_block=hop.end,
+                                batch_size=batch_size, max_length=max_length)
+        self._exchange(pb.InferenceRequest(session_id=self.session_id, open=opened))
+
+    def step(self, inputs: StepInputs, wire_dtype: torch.dtype) -> torch.Tensor:
+        reply = self._exchange(pb.InferenceRequest(session_id=self.session_id, step=inputs.to_message(wire_dtype)))
+        return decode(reply.hidden_states, what="hidden_states", ndim=3)
+
+    def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
+        self._requests.put(request)
+        try:
+            return next(self._call)
+        except StopIteration:
+            raise HopFailure(self.hop, grpc.StatusCode.UNAVAILABLE, "peer closed the stream") from None
+        except grpc.RpcError as error:
+            raise HopFailure(self.hop, error.code(), error.details()) from None
+
+    def close(self) -> None:
+        """Half-closes the stream: the peer finishes, frees the session and ends the call."""
+        self._requests.put(None)
+
+    def abort(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+
+
+class HopFailure(Exception):
+    def __init__(self, hop: Hop, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"peer {hop.server.peer_id[:12]} at {hop.server.address} (blocks {hop.start}:{hop.end}): "
+                         f"{code.name}: {details}")
+        self.hop, self.code = hop, code
+
+
+@dataclass
+class _Leg:
+    stream: HopStream
+    history: list[StepInputs] = field(default_factory=list)
+
+
+class InferenceSession:
+    def __init__(self, swarm: Swarm, batch_size: int, max_length: int, wire_dtype: torch.dtype = torch.float32
+                 ) -> None:
+        self.swarm, self.batch_size, self.max_length, self.wire_dtype = swarm, batch_size, max_length, wire_dtype
+        self.banned: set[str] = set()
+        self.recoveries = 0
+        self.legs: list[_Leg] = self._open_legs(0, swarm.num_blocks, [])
+
+    @property
+    def route(self) -> list[Hop]:
+        return [leg.stream.hop for leg in self.legs]
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Runs the new tokens' hidden states through all blocks; returns the last block's output."""
+        index = 0
+        while index < len(self.legs):
+            inputs = StepInputs(hidden, mask, positions)
+            leg = self.legs[index]
+            try:
+                output = leg.stream.step(inputs, self.wire_dtype)
+            except HopFailure as failure:
+                self._recover(index, failure)
+                continue
+            leg.history.append(inputs)
+            hidden = output
+            index += 1
+        return hidden
+
+    def close(self) -> None:
+        for leg in self.legs:
+            leg.stream.close()
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _recover(self, index: int, failure: HopFailure) -> None:
+        """Replaces leg `index` by a new route for its blocks and replays its history there."""
+        self._note_failure(failure)
+        failed = self.legs[index]
+        failed.stream.abort()
+        replacement = self._open_legs(failure.hop.start, failure.hop.end, failed.history)
+        self.legs[index:index + 1] = replacement
+
+    def _open_legs(self, start: int, end: int, history: list[StepInputs]) -> list[_Leg]:
+        """Opens streams along a route for [start, end) and feeds them `history`, retrying other peers."""
+        while True:
+            route = self.swarm.route(start, end, exclude=frozenset(self.banned))
+            legs: list[_Leg] = []
+            try:
+                for hop in route:
+                    legs.append(_Leg(HopStream(self.swarm, hop, self.batch_size, self.max_length)))
+                for past in history:
+                    hidden = past.hidden
+                    for leg in legs:
+                        inputs = StepInputs(hidden, past.mask, past.positions)
+                        hidden = leg.stream.step(inputs, self.wire_dtype)
+                        leg.history.append(inputs)
+                return legs
+            except HopFailure as failure:
+                for leg in legs:
+                    leg.stream.abort()
+                self._note_failure(failure)
+
+    def _note_failure(self, failure: HopFailure) -> None:
+        """Bans the failed peer, or gives up when the failure is not the peer's or there were too many."""
+        if failure.code not in RETRYABLE:
+            raise SwarmError(str(failure)) from None
+        self.recoveries += 1
+        if self.recoveries > MAX_RECOVERIES:
+            raise SwarmError(f"giving up after {MAX_RECOVERIES} peer failures; last: {failure}") from None
+        self.banned.add(failure.hop.server.peer_id)

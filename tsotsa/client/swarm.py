@@ -1,0 +1,39 @@
+"""The client's view of the swarm: live peers from the DHT, gRPC channels to them, routes through them."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import hivemind
+
+from tsotsa.client.routing import Hop, plan_route
+from tsotsa.dht import ServerRecord, find_servers
+from tsotsa.remote import GRPC_OPTIONS
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+
+
+class Swarm:
+    def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int) -> None:
+        self.dht, self.model_id, self.num_blocks = dht, model_id, num_blocks
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def servers(self) -> list[ServerRecord]:
+        return list(find_servers(self.dht, self.model_id, self.num_blocks).values())
+
+    def route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> list[Hop]:
+        return plan_route(self.servers(), start, self.num_blocks if end is None else end, exclude)
+
+    def stub(self, address: str) -> pb_grpc.PeerStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            return pb_grpc.PeerStub(channel)
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

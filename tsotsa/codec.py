@@ -1,0 +1,95 @@
+"""Tensors on the wire: torch <-> `tsotsa.v1.Tensor`, with every size, shape and dtype checked before use.
+
+Decoding never trusts the sender: a tensor whose byte count does not match its shape and dtype, whose
+dtype is not allowed, or whose shape the caller did not expect is rejected with `WireError`, which the
+services turn into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+from tsotsa.v1 import tsotsa_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# Hidden states may be compressed; past this many decompressed bytes a message is refused.
+MAX_TENSOR_BYTES = 512 * 1024 * 1024
+
+
+class WireError(ValueError):
+    """A tensor message that is malformed or does not fit what the receiver expects."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise WireError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None, compress: bool = False) -> pb.Tensor:
+    """Serializes a tensor, optionally cast to `dtype` for the wire (e.g. bf16 to halve the bytes)."""
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    tensor = tensor.detach().contiguous().cpu()
+    raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    if tensor.dtype == torch.bool:
+        raw = tensor.numpy().astype(np.uint8).tobytes()
+    codec = pb.Tensor.RAW
+    if compress:
+        raw, codec = zlib.compress(raw, 1), pb.Tensor.ZLIB
+    return pb.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=raw, codec=codec)
+
+
+def decode(
+    message: pb.Tensor,
+    *,
+    what: str = "tensor",
+    ndim: int | None = None,
+    last_dim: int | None = None,
+    allowed: tuple[str, ...] | None = None,
+) -> torch.Tensor:
+    """Deserializes and validates; `what` names the field in error messages."""
+    if not message.dtype:
+        raise WireError(f"{what}: missing")
+    if allowed is not None and message.dtype not in allowed:
+        raise WireError(f"{what}: dtype {message.dtype} not allowed here; expected one of {list(allowed)}")
+    dtype = dtype_from_name(message.dtype)
+    shape = tuple(message.shape)
+    if any(dim < 0 for dim in shape):
+        raise WireError(f"{what}: negative dimension in shape {list(shape)}")
+    if ndim is not None and len(shape) != ndim:
+        raise WireError(f"{what}: expected {ndim} dimensions, got shape {list(shape)}")
+    if last_dim is not None and shape[-1] != last_dim:
+        raise WireError(f"{what}: last dimension must be {last_dim}, got shape {list(shape)}")
+    element_size = torch.empty((), dtype=dtype).element_size()
+    expected = int(np.prod(shape, dtype=np.int64)) * element_size if shape else element_size
+    if expected > MAX_TENSOR_BYTES:
+        raise WireError(f"{what}: {expected} bytes exceeds the {MAX_TENSOR_BYTES}-byte limit")
+    data = message.data
+    if message.codec == pb.Tensor.ZLIB:
+        try:
+            inflater = zlib.decompressobj()
+            data = inflater.decompress(data, expected + 1)
+        except zlib.error as exc:
+            raise WireError(f"{what}: corrupt zlib data ({exc})") from None
+    elif message.codec != pb.Tensor.RAW:
+        raise WireError(f"{what}: unknown codec {message.codec}")
+    if len(data) != expected:
+        raise WireError(f"{what}: {len(data)} bytes for shape {list(shape)} of {message.dtype} (need {expected})")
+    if dtype == torch.bool:
+        return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(torch.bool).reshape(shape)
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return buffer.view(dtype).reshape(shape)

@@ -1,0 +1,45 @@
+"""What the command-line tools share: one readable line per error, quiet libraries, dtype names."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import typer
+
+from tsotsa.errors import TsotsaError
+
+DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quiet_libraries() -> None:
+    """Keeps hivemind's and transformers' chatter (and progress bars) off a user's terminal."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def run_command(body: Callable[[], None]) -> None:
+    """Runs a CLI command: a TsotsaError or bad value becomes `error: ...` on stderr and exit status 1."""
+    quiet_libraries()
+    try:
+        body()
+    except (TsotsaError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPE_CHOICES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_CHOICES)}") from None

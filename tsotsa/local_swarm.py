@@ -1,0 +1,172 @@
+"""A whole swarm on loopback: a coordinator and peers as real processes, for tests, benchmarks and the demo.
+
+Each process runs in its own process group (its DHT child and p2p daemon with it). `stop()` sends SIGTERM
+to the process, so it drains and leaves the DHT as in production, then SIGKILLs the group: nothing it
+started survives.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tsotsa.errors import SwarmError
+
+BIN = Path(sys.executable).parent
+COORDINATOR_READY = re.compile(r"coordinator of (\S+) .* at (\S+); DHT (.+)$")
+PEER_READY = re.compile(r"serving blocks (\d+):(\d+) of (\S+) at (\S+) as (\S+)")
+
+
+class ManagedProcess:
+    """A child process whose output is collected, started in its own session, stopped by PID."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name, self.argv = name, argv
+        self.lines: list[str] = []
+        self._output_closed = False
+        self._new_line = threading.Condition()
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env={**os.environ, "HIVEMIND_LOGLEVEL": "ERROR", "HF_HUB_DISABLE_PROGRESS_BARS": "1", **(env or {})},
+        )
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _collect(self) -> None:
+        for line in self.process.stdout:
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
+        with self._new_line:
+            self._output_closed = True
+            self._new_line.notify_all()
+
+    def wait_for(self, pattern: re.Pattern, timeout: float = 120.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        with self._new_line:
+            while True:
+                for line in self.lines:
+                    match = pattern.search(line)
+                    if match:
+                        return match
+                if self._output_closed:
+                    self.process.wait()
+                    raise SwarmError(f"{self.name} exited with {self.process.returncode}:\n" + self.output())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SwarmError(f"{self.name} not ready after {timeout:.0f} s:\n" + self.output())
+                self._new_line.wait(min(remaining, 0.5))
+
+    def _alive(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+    def terminate(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait (a peer drains), then SIGKILL whatever is left of its process group."""
+        if self._alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@dataclass
+class LocalPeer:
+    process: ManagedProcess
+    start: int
+    end: int
+    address: str
+    peer_id: str
+
+
+@dataclass
+class LocalSwarm:
+    model_dir: Path
+    cache_dir: Path | None = None
+    threads: int = 1
+    coordinator_address: str = ""
+    model_id: str = ""
+    initial_peers: list[str] = field(default_factory=list)
+    peers: list[LocalPeer] = field(default_factory=list)
+    coordinator: ManagedProcess | None = None
+
+    def start_coordinator(self) -> str:
+        self.coordinator = ManagedProcess("coordinator", [
+            str(BIN / "tsotsa-coordinator"), "up", "--model", str(self.model_dir), "--port", "0"])
+        match = self.coordinator.wait_for(COORDINATOR_READY)
+        self.model_id, self.coordinator_address = match.group(1), match.group(2)
+        self.initial_peers = match.group(3).split()
+        return self.coordinator_address
+
+    def add_peer(self, blocks: str | None = None, *args: str, local_model: bool = True) -> LocalPeer:
+        return self.add_peers([blocks], *args, local_model=local_model)[0]
+
+    def add_peers(self, spans: list[str | None], *args: str, local_model: bool = True) -> list[LocalPeer]:
+        """Starts one peer per span (None: the peer picks), all at once, and waits until all serve."""
+        processes = [self._start_peer(blocks, *args, local_model=local_model) for blocks in spans]
+        started: list[LocalPeer] = []
+        try:
+            for process in processes:
+                match = process.wait_for(PEER_READY)
+                started.append(LocalPeer(process, int(match.group(1)), int(match.group(2)), match.group(4),
+                                         match.group(5)))
+        except SwarmError:
+            for process in processes:
+                process.kill()
+            raise
+        self.peers.extend(started)
+        return started
+
+    def _start_peer(self, blocks: str | None, *args: str, local_model: bool) -> ManagedProcess:
+        argv = [str(BIN / "tsotsa-peer"), "join", "--coordinator", self.coordinator_address,
+                "--threads", str(self.threads), "--port", "0"]
+        if blocks:
+            argv += ["--blocks", blocks]
+        if local_model:
+            argv += ["--model", str(self.model_dir)]
+        if self.cache_dir is not None:
+            argv += ["--cache-dir", str(self.cache_dir)]
+        argv += list(args)
+        return ManagedProcess(f"peer {blocks or '(auto)'}", argv)
+
+    def stop_peer(self, peer: LocalPeer) -> int | None:
+        self.peers.remove(peer)
+        return peer.process.terminate()
+
+    def stop(self) -> None:
+        for peer in list(self.peers):
+            self.stop_peer(peer)
+        if self.coordinator is not None:
+            self.coordinator.terminate()
+            self.coordinator = None
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
