@@ -1,0 +1,51 @@
+"""Shared fixtures: small random-weight checkpoints and swarms of real processes on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tsotsa.local_swarm import LocalSwarm  # noqa: E402
+from tsotsa.tiny_model import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """4 blocks, multi-head attention, one safetensors file."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", layers=4, hidden=64, heads=4, vocab=512, seed=1)
+
+
+@pytest.fixture(scope="session")
+def gqa_sharded_model(tmp_path_factory) -> Path:
+    """5 blocks, grouped-query attention (8 heads, 2 KV heads), sharded into many safetensors files."""
+    return make_tiny_model(tmp_path_factory.mktemp("gqa") / "model", layers=5, hidden=64, heads=8, kv_heads=2,
+                           vocab=512, seed=2, shard_size="150KB")
+
+
+def start_swarm(model_dir: Path, spans: list[str | None], *peer_args: str, cache_dir: Path | None = None,
+                local_model: bool = True) -> LocalSwarm:
+    """A coordinator and one peer per span; the caller stops it (use `running_swarm`)."""
+    swarm = LocalSwarm(model_dir, cache_dir=cache_dir)
+    try:
+        swarm.start_coordinator()
+        if spans:
+            swarm.add_peers(spans, *peer_args, local_model=local_model)
+    except BaseException:
+        swarm.stop()
+        raise
+    return swarm
+
+
+@pytest.fixture(scope="module")
+def tiny_swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
+    """The tiny model served by 3 peers with uneven spans: 0:1, 1:3, 3:4."""
+    swarm = start_swarm(tiny_model, ["0:1", "1:3", "3:4"], cache_dir=tmp_path_factory.mktemp("cache"))
+    yield swarm
+    swarm.stop()
