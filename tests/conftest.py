@@ -24,8 +24,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gqa_sharded_model(tmp_path_factory) -> Path:
-    """5 blocks, grouped-query attention (8 heads, 2 KV heads), sharded into many safetensors files."""
-    return make_tiny_model(tmp_path_factory.mktemp("gqa") / "model", layers=5, hidden=64, heads=8, kv_heads=2,
+    """8 blocks, grouped-query attention (8 heads, 2 KV heads), sharded into many safetensors files."""
+    return make_tiny_model(tmp_path_factory.mktemp("gqa") / "model", layers=8, hidden=64, heads=8, kv_heads=2,
                            vocab=512, seed=2, shard_size="150KB")
 
 

@@ -29,7 +29,7 @@ def test_spans_with_and_without_cache_match_transformers_hidden_states(gqa_shard
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
         expected = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[3]
-    spans = [_span(checkpoint, 0, 2), _span(checkpoint, 2, 5)]
+    spans = [_span(checkpoint, 0, 2), _span(checkpoint, 2, 8)]
     embeddings = reference.model.embed_tokens(ids).detach()
     positions = position_ids_from_mask(mask)
     uncached = spans[0](embeddings, mask, positions, None, 0, 2)
