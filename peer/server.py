@@ -130,8 +130,9 @@ def serve_peer(options: PeerOptions, say=print) -> None:
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
+        maddrs = " ".join(str(addr) for addr in dht.get_visible_maddrs())
         say(f"serving blocks {spec} of {info.model_id} at {record.address} as {peer_id} "
-            f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device})")
+            f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device}); DHT {maddrs}")
         while not stop.wait(options.heartbeat):
             try:
                 announce(dht, info.model_id, record, options.record_ttl)

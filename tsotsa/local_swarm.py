@@ -21,7 +21,7 @@ from tsotsa.errors import SwarmError
 
 BIN = Path(sys.executable).parent
 COORDINATOR_READY = re.compile(r"coordinator of (\S+) .* at (\S+); DHT (.+)$")
-PEER_READY = re.compile(r"serving blocks (\d+):(\d+) of (\S+) at (\S+) as (\S+)")
+PEER_READY = re.compile(r"serving blocks (\d+):(\d+) of (\S+) at (\S+) as (\S+) .*; DHT (.+)$")
 
 
 class ManagedProcess:
@@ -102,6 +102,7 @@ class LocalPeer:
     end: int
     address: str
     peer_id: str
+    dht_addresses: list[str]
 
 
 @dataclass
@@ -134,7 +135,7 @@ class LocalSwarm:
             for process in processes:
                 match = process.wait_for(PEER_READY)
                 started.append(LocalPeer(process, int(match.group(1)), int(match.group(2)), match.group(4),
-                                         match.group(5)))
+                                         match.group(5), match.group(6).split()))
         except SwarmError:
             for process in processes:
                 process.kill()

@@ -1,0 +1,134 @@
+"""Faults and the CLI's errors on a live swarm: a peer killed mid-generation, a peer draining on SIGTERM,
+an uncovered block, a peer choosing its own blocks, and inference while the coordinator is down.
+
+The tests run in file order on one swarm whose membership they change, as a lab's swarm changes.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import start_swarm
+from oracle import PROMPTS, encode_prompts
+from tsotsa.client.model import SwarmModel
+from tsotsa.errors import SwarmError
+from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+
+BIN = Path(sys.executable).parent
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model: Path, tmp_path_factory):
+    swarm = start_swarm(tiny_model, ["0:2", "2:4", "2:4"], cache_dir=tmp_path_factory.mktemp("cache"))
+    yield swarm
+    swarm.stop()
+
+
+@pytest.fixture(scope="module")
+def model(swarm, tmp_path_factory):
+    with SwarmModel.from_coordinator(swarm.coordinator_address,
+                                     cache_dir=tmp_path_factory.mktemp("client")) as swarm_model:
+        yield swarm_model
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path, model: SwarmModel) -> list[list[int]]:
+    reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    return reference.generate(**encode_prompts(model, PROMPTS), max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+
+
+def open_sessions(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=10).open_sessions
+
+
+def generate_with(model: SwarmModel, after_tokens: int, action) -> list[list[int]]:
+    """Greedy generation of the test prompts that calls `action()` once `after_tokens` tokens are out."""
+    batch = encode_prompts(model, PROMPTS)
+    count = 0
+
+    def on_tokens(_tokens: torch.Tensor) -> None:
+        nonlocal count
+        count += 1
+        if count == after_tokens:
+            action()
+
+    return model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=NEW_TOKENS,
+                          on_tokens=on_tokens).tolist()
+
+
+def test_peer_killed_mid_generation_is_replaced_and_tokens_are_unchanged(swarm, model, expected) -> None:
+    replicas = [p for p in swarm.peers if (p.start, p.end) == (2, 4)]
+
+    def kill_the_replica_in_use() -> None:
+        victim = next(p for p in replicas if open_sessions(p.address) == 1)
+        victim.process.process.send_signal(signal.SIGKILL)
+        victim.process.process.wait(10)
+        swarm.peers.remove(victim)
+        victim.process.kill()
+
+    assert generate_with(model, 6, kill_the_replica_in_use) == expected
+    assert len([p for p in swarm.peers if (p.start, p.end) == (2, 4)]) == 1
+
+
+def test_sigterm_drains_the_open_session_then_the_peer_leaves(swarm, model, expected) -> None:
+    last = next(p for p in swarm.peers if (p.start, p.end) == (2, 4))
+    assert generate_with(model, 4, lambda: last.process.process.send_signal(signal.SIGTERM)) == expected
+    assert last.process.process.wait(30) == 0
+    assert any("left the swarm" in line for line in last.process.lines)
+    swarm.peers.remove(last)
+
+
+def test_uncovered_block_is_a_clear_error_in_python_and_one_line_in_the_cli(swarm, model, tmp_path) -> None:
+    # The killed peer's record may not have expired yet: the client tries it, bans it, then finds no route.
+    with pytest.raises(SwarmError, match="no route covers block 2"):
+        generate_with(model, 1, lambda: None)
+    result = subprocess.run(
+        [str(BIN / "tsotsa"), "generate", "--coordinator", swarm.coordinator_address, "hello"],
+        capture_output=True, text=True, timeout=120, env={"TSOTSA_CACHE": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no route covers block 2"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_peer_without_blocks_takes_the_uncovered_span(swarm, model, expected) -> None:
+    (peer,) = swarm.add_peers([None], "--num-blocks", "2")
+    assert (peer.start, peer.end) == (2, 4)
+    assert generate_with(model, 1, lambda: None) == expected
+
+
+def test_inference_keeps_working_while_the_coordinator_is_down(swarm, tiny_model: Path, expected) -> None:
+    swarm.coordinator.terminate()
+    swarm.coordinator = None
+    with SwarmModel.from_checkpoint(tiny_model, swarm.peers[0].dht_addresses) as local_head:
+        assert generate_with(local_head, 1, lambda: None) == expected
+
+
+def test_unreachable_coordinator_and_bad_checkpoint_are_one_readable_line(tmp_path: Path) -> None:
+    commands = [
+        ([str(BIN / "tsotsa"), "generate", "--coordinator", "127.0.0.1:9", "hi"],
+         "error: cannot reach coordinator at 127.0.0.1:9"),
+        ([str(BIN / "tsotsa"), "status", "--coordinator", "127.0.0.1:9"], "error: cannot reach coordinator"),
+        ([str(BIN / "tsotsa-peer"), "join", "--coordinator", "127.0.0.1:9"], "error: cannot reach coordinator"),
+        ([str(BIN / "tsotsa-coordinator"), "up", "--model", str(tmp_path / "nowhere"), "--port", "0"],
+         "error: " + str(tmp_path / "nowhere") + ": no such checkpoint directory"),
+        ([str(BIN / "tsotsa-peer"), "join", "--coordinator", "127.0.0.1:9", "--blocks", "3"],
+         "error: bad block span '3'"),
+    ]
+    for argv, message in commands:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                                env={"TSOTSA_CACHE": str(tmp_path), "PATH": str(BIN)})
+        assert result.returncode == 1, (argv, result.stderr)
+        assert result.stderr.startswith(message), (argv, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (argv, result.stderr)
