@@ -82,10 +82,9 @@ class PeerService(pb_grpc.PeerServicer):
                     session = self._open(request.session_id, request.open)
                     yield pb.InferenceResponse(session_id=session.session_id, cache_length=0)
                 elif kind == "step":
-                    current = self.sessions.get(request.session_id)
-                    if session is None or current is not session:
-                        raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"session {request.session_id} was not opened on this stream")
+                    if session is None or request.session_id != session.session_id:
+                        raise self.sessions.refusal(request.session_id)
+                    self.sessions.touch(session)
                     output = self._step(session, request.step)
                     yield pb.InferenceResponse(session_id=session.session_id, hidden_states=output,
                                                cache_length=session.length)
@@ -100,7 +99,7 @@ class PeerService(pb_grpc.PeerServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {error}")
         finally:
             if session is not None:
-                self.sessions.close(session.session_id)
+                self.sessions.close(session)
 
     # --------------------------------------------------------------- helpers
 
@@ -124,6 +123,8 @@ class PeerService(pb_grpc.PeerServicer):
         return session
 
     def _step(self, session: Session, step: pb.InferenceStep) -> pb.Tensor:
+        """One step of a session that `touch` just found open; nothing changes unless the step is valid."""
+        cache = session.cache  # held here: if the session expires while waiting for the lock, this step still ends
         hidden = self._decode_hidden(step.hidden_states)
         batch, length = hidden.shape[:2]
         if batch != session.batch_size:
@@ -139,7 +140,7 @@ class PeerService(pb_grpc.PeerServicer):
         else:
             positions = position_ids_from_mask(mask)[:, -length:]
         with self._compute:
-            output = self.span(hidden, mask, positions, session.cache, session.start, session.end)
+            output = self.span(hidden, mask, positions, cache, session.start, session.end)
         session.attention_mask = mask
         return encode(output, hidden.dtype)
 

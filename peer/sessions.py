@@ -2,7 +2,9 @@
 
 The caps are checked when a session opens, against the bytes its cache reaches at `max_length`, so a
 peer refuses work with RESOURCE_EXHAUSTED instead of growing until the kernel kills it. Sessions idle past
-the timeout are reclaimed when capacity is needed; their streams then get NOT_FOUND ("expired").
+the timeout are reclaimed when capacity is needed (their cache is dropped, so the bytes they gave back are
+really free) or when their own next step finds them idle; their streams then get NOT_FOUND ("expired").
+A session belongs to the stream that opened it: no other stream may step it, refresh it or close it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Session:
     batch_size: int
     max_length: int
     reserved_bytes: int
-    cache: DynamicCache
+    cache: DynamicCache | None                    # None once the session expired
     attention_mask: torch.Tensor                  # [batch, tokens seen so far]
     last_used: float = field(default_factory=time.monotonic)
 
@@ -72,24 +74,41 @@ class SessionTable:
                     f"{self.max_cache_bytes} bytes are in use",
                 )
             self._sessions[session.session_id] = session
+            self._expired.pop(session.session_id, None)
 
-    def get(self, session_id: str) -> Session:
+    def touch(self, session: Session) -> None:
+        """Marks a stream's own session used, or raises NOT_FOUND if it expired in the meantime."""
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is not None and time.monotonic() - session.last_used > self.idle_timeout:
-                self._forget(session_id)
-                session = None
-            if session is None:
-                if session_id in self._expired:
-                    raise PeerError(grpc.StatusCode.NOT_FOUND,
-                                    f"session {session_id} expired after {self.idle_timeout:g} s idle")
-                raise PeerError(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id!r}")
+            if self._is_open(session) and time.monotonic() - session.last_used > self.idle_timeout:
+                self._forget(session.session_id)
+            if not self._is_open(session):
+                raise self._expired_error(session.session_id)
             session.last_used = time.monotonic()
-            return session
 
-    def close(self, session_id: str) -> None:
+    def refusal(self, session_id: str) -> PeerError:
+        """Why a stream may not step `session_id`, which it did not open: another stream's, expired, or unknown.
+
+        Looking does not refresh another stream's session, so a stranger cannot keep it from expiring.
+        """
         with self._lock:
-            self._sessions.pop(session_id, None)
+            if session_id in self._sessions:
+                return PeerError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"session {session_id} was not opened on this stream")
+            if session_id in self._expired:
+                return self._expired_error(session_id)
+            return PeerError(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id!r}")
+
+    def close(self, session: Session) -> None:
+        """Ends a stream's session; if it expired and its id was reopened since, the newcomer stays open."""
+        with self._lock:
+            if self._is_open(session):
+                del self._sessions[session.session_id]
+
+    def _is_open(self, session: Session) -> bool:
+        return self._sessions.get(session.session_id) is session
+
+    def _expired_error(self, session_id: str) -> PeerError:
+        return PeerError(grpc.StatusCode.NOT_FOUND, f"session {session_id} expired after {self.idle_timeout:g} s idle")
 
     def _expire_idle(self) -> None:
         now = time.monotonic()
@@ -97,7 +116,8 @@ class SessionTable:
             self._forget(session_id)
 
     def _forget(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id)
+        session.cache = None  # its stream may stay open for long: the bytes it gave back must be free
         self._expired[session_id] = None
         while len(self._expired) > REMEMBERED_EXPIRED:
             self._expired.popitem(last=False)

@@ -7,6 +7,7 @@ services turn into INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -44,9 +45,10 @@ def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None, compress: boo
     if dtype is not None and tensor.dtype != dtype:
         tensor = tensor.to(dtype)
     tensor = tensor.detach().contiguous().cpu()
-    raw = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
     if tensor.dtype == torch.bool:
         raw = tensor.numpy().astype(np.uint8).tobytes()
+    else:  # flattened first: a 0-d tensor cannot be viewed as bytes
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
     codec = pb.Tensor.RAW
     if compress:
         raw, codec = zlib.compress(raw, 1), pb.Tensor.ZLIB
@@ -72,10 +74,11 @@ def decode(
         raise WireError(f"{what}: negative dimension in shape {list(shape)}")
     if ndim is not None and len(shape) != ndim:
         raise WireError(f"{what}: expected {ndim} dimensions, got shape {list(shape)}")
-    if last_dim is not None and shape[-1] != last_dim:
+    if last_dim is not None and (not shape or shape[-1] != last_dim):
         raise WireError(f"{what}: last dimension must be {last_dim}, got shape {list(shape)}")
     element_size = torch.empty((), dtype=dtype).element_size()
-    expected = int(np.prod(shape, dtype=np.int64)) * element_size if shape else element_size
+    # Python ints: a product in int64 could wrap around to a small count that a short message matches.
+    expected = math.prod(shape) * element_size
     if expected > MAX_TENSOR_BYTES:
         raise WireError(f"{what}: {expected} bytes exceeds the {MAX_TENSOR_BYTES}-byte limit")
     data = message.data
