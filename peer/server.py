@@ -58,6 +58,8 @@ def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
             began = time.perf_counter()
         mask = torch.ones(1, 9 + step, dtype=torch.long)
         span(hidden[:, :1], mask, torch.tensor([[8 + step]]), cache)
+    if span.device.type == "cuda":
+        torch.cuda.synchronize(span.device)
     return steps / max(time.perf_counter() - began, 1e-9)
 
 

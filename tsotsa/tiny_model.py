@@ -67,6 +67,7 @@ def make_tiny_model(
     max_position_embeddings: int = 2048,
     shard_size: str | None = None,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> Path:
     """Writes config.json, model safetensors (sharded when `shard_size` is given) and tokenizer files."""
     out_dir = Path(out_dir)
@@ -87,7 +88,8 @@ def make_tiny_model(
         dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):  # a GPU initializes a 7B-shaped model in seconds
+        model = LlamaForCausalLM(config).to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     save_kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(out_dir, **save_kwargs)

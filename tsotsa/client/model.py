@@ -34,8 +34,9 @@ TokenCallback = Callable[[torch.Tensor], None]
 
 class SwarmModel:
     def __init__(self, config: LlamaConfig, model_id: str, head: dict[str, torch.Tensor], dht: hivemind.DHT,
-                 tokenizer=None, wire_dtype: torch.dtype | None = None) -> None:
+                 tokenizer=None, wire_dtype: torch.dtype | None = None, device: str = "cpu") -> None:
         self.config, self.model_id, self.tokenizer, self.dht = config, model_id, tokenizer, dht
+        self.device = torch.device(device)
         self.swarm = Swarm(dht, model_id, config.num_hidden_layers)
         embed = head["model.embed_tokens.weight"]
         self.dtype = embed.dtype
@@ -45,35 +46,37 @@ class SwarmModel:
         self.norm.weight = nn.Parameter(head["model.norm.weight"], requires_grad=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head.weight = nn.Parameter(head.get("lm_head.weight", embed), requires_grad=False)
+        for module in (self.embed_tokens, self.norm, self.lm_head):
+            module.to(self.device)
         self.last_generate_stats: dict[str, float] = {}
 
     # ----------------------------------------------------------- construction
 
     @classmethod
     def from_coordinator(cls, address: str, *, cache_dir: Path | None = None, initial_peers: list[str] | None = None,
-                         wire_dtype: torch.dtype | None = None) -> "SwarmModel":
+                         wire_dtype: torch.dtype | None = None, device: str = "cpu") -> "SwarmModel":
         """Fetches the head and tokenizer once (cached on disk) and joins the DHT as a client."""
         with CoordinatorClient(address) as client:
             info = client.model_info()
             checkpoint = cached_checkpoint(client, info, cache_dir or default_cache_dir(), head=True)
         return cls._from_checkpoint(checkpoint, info.model_id, list(initial_peers or info.dht_initial_peers),
-                                    wire_dtype)
+                                    wire_dtype, device)
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path | str, initial_peers: list[str], *,
-                        wire_dtype: torch.dtype | None = None) -> "SwarmModel":
+                        wire_dtype: torch.dtype | None = None, device: str = "cpu") -> "SwarmModel":
         """Uses a local copy of the checkpoint for the head: works while the coordinator is down."""
         checkpoint = Checkpoint.open(model_dir)
-        return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype)
+        return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype, device)
 
     @classmethod
     def _from_checkpoint(cls, checkpoint: Checkpoint, model_id: str, initial_peers: list[str],
-                         wire_dtype: torch.dtype | None) -> "SwarmModel":
+                         wire_dtype: torch.dtype | None, device: str) -> "SwarmModel":
         head = checkpoint.read_prefixes(HEAD_PREFIXES)
         has_tokenizer = any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory) if has_tokenizer else None
         dht = start_dht(initial_peers, client_mode=True)
-        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype)
+        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype, device)
 
     def close(self) -> None:
         self.swarm.close()
@@ -89,13 +92,16 @@ class SwarmModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden.to(self.dtype)))
+        return self.lm_head(self.norm(hidden.to(self.device, self.dtype)))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids.to(self.device))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, length, vocab] through stateless Forward calls along one route."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         positions = position_ids_from_mask(mask)
         banned: set[str] = set()
         block = 0
@@ -148,9 +154,9 @@ class SwarmModel:
         first_token_at = None
         with self.inference_session(batch, prompt_length + max_new_tokens) as session:
             positions = position_ids_from_mask(mask)
-            hidden = session.step(self.embed_tokens(input_ids), mask, positions)
+            hidden = session.step(self.embed(input_ids), mask, positions)
             for produced in range(max_new_tokens):
-                scores = self.logits(hidden[:, -1]).float()
+                scores = self.logits(hidden[:, -1]).float().cpu()
                 scores = warpers(input_ids, scores)
                 if do_sample:
                     probs = torch.softmax(scores, dim=-1)
@@ -168,7 +174,7 @@ class SwarmModel:
                 if not unfinished.any() or produced == max_new_tokens - 1:
                     break
                 positions = positions[:, -1:] + 1
-                hidden = session.step(self.embed_tokens(next_tokens[:, None]), None, positions)
+                hidden = session.step(self.embed(next_tokens[:, None]), None, positions)
             route = session.route
         generated = input_ids.shape[1] - prompt_length
         elapsed = time.perf_counter() - began
