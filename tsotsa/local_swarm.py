@@ -19,7 +19,9 @@ from pathlib import Path
 
 from tsotsa.errors import SwarmError
 
-BIN = Path(sys.executable).parent
+# `python -m` rather than the console scripts: works wherever the package imports, installed or not.
+COORDINATOR_COMMAND = [sys.executable, "-m", "tsotsa.coordinator"]
+PEER_COMMAND = [sys.executable, "-m", "tsotsa.peer"]
 COORDINATOR_READY = re.compile(r"coordinator of (\S+) .* at (\S+); DHT (.+)$")
 PEER_READY = re.compile(r"serving blocks (\d+):(\d+) of (\S+) at (\S+) as (\S+) .*; DHT (.+)$")
 
@@ -118,7 +120,7 @@ class LocalSwarm:
 
     def start_coordinator(self) -> str:
         self.coordinator = ManagedProcess("coordinator", [
-            str(BIN / "tsotsa-coordinator"), "up", "--model", str(self.model_dir), "--port", "0"])
+            *COORDINATOR_COMMAND, "up", "--model", str(self.model_dir), "--port", "0"])
         match = self.coordinator.wait_for(COORDINATOR_READY)
         self.model_id, self.coordinator_address = match.group(1), match.group(2)
         self.initial_peers = match.group(3).split()
@@ -144,7 +146,7 @@ class LocalSwarm:
         return started
 
     def _start_peer(self, blocks: str | None, *args: str, local_model: bool) -> ManagedProcess:
-        argv = [str(BIN / "tsotsa-peer"), "join", "--coordinator", self.coordinator_address,
+        argv = [*PEER_COMMAND, "join", "--coordinator", self.coordinator_address,
                 "--threads", str(self.threads), "--port", "0"]
         if blocks:
             argv += ["--blocks", blocks]

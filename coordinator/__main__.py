@@ -1,0 +1,3 @@
+from tsotsa.coordinator.cli import app
+
+app(prog_name="tsotsa-coordinator")

@@ -1,0 +1,3 @@
+from tsotsa.peer.cli import app
+
+app(prog_name="tsotsa-peer")

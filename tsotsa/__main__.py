@@ -1,0 +1,3 @@
+from tsotsa.cli import app
+
+app(prog_name="tsotsa")
