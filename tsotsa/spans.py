@@ -165,9 +165,9 @@ def _quantize_linears(module: nn.Module, quant: str, compute_dtype: torch.dtype)
                     weight, requires_grad=False, quant_type="nf4", compress_statistics=False
                 )
             else:
-                replacement = bnb.nn.Linear8bitLt(
+                replacement = bnb.nn.Linear8bitLt(  # threshold 6.0: LLM.int8() outliers, transformers' default
                     child.in_features, child.out_features, bias=child.bias is not None,
-                    has_fp16_weights=False, device="meta",
+                    has_fp16_weights=False, threshold=6.0, device="meta",
                 )
                 replacement.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             if child.bias is not None:
