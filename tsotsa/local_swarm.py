@@ -117,6 +117,7 @@ class LocalSwarm:
     initial_peers: list[str] = field(default_factory=list)
     peers: list[LocalPeer] = field(default_factory=list)
     coordinator: ManagedProcess | None = None
+    _starting: list[ManagedProcess] = field(default_factory=list)
 
     def start_coordinator(self) -> str:
         self.coordinator = ManagedProcess("coordinator", [
@@ -131,21 +132,13 @@ class LocalSwarm:
 
     def add_peers(self, spans: list[str | None], *args: str, local_model: bool = True) -> list[LocalPeer]:
         """Starts one peer per span (None: the peer picks), all at once, and waits until all serve."""
-        processes = [self._start_peer(blocks, *args, local_model=local_model) for blocks in spans]
-        started: list[LocalPeer] = []
-        try:
-            for process in processes:
-                match = process.wait_for(PEER_READY)
-                started.append(LocalPeer(process, int(match.group(1)), int(match.group(2)), match.group(4),
-                                         match.group(5), match.group(6).split()))
-        except SwarmError:
-            for process in processes:
-                process.kill()
-            raise
-        self.peers.extend(started)
-        return started
+        return self.wait_for_peers([self.start_peer(blocks, *args, local_model=local_model) for blocks in spans])
 
-    def _start_peer(self, blocks: str | None, *args: str, local_model: bool) -> ManagedProcess:
+    def start_peer(self, blocks: str | None, *args: str, local_model: bool = True) -> ManagedProcess:
+        """Starts a peer without waiting for it (see `wait_for_peers`); `stop()` stops it in any case.
+
+        local_model=False: the peer has no checkpoint and fetches its blocks from the coordinator.
+        """
         argv = [*PEER_COMMAND, "join", "--coordinator", self.coordinator_address,
                 "--threads", str(self.threads), "--port", "0"]
         if blocks:
@@ -154,16 +147,35 @@ class LocalSwarm:
             argv += ["--model", str(self.model_dir)]
         if self.cache_dir is not None:
             argv += ["--cache-dir", str(self.cache_dir)]
-        argv += list(args)
-        return ManagedProcess(f"peer {blocks or '(auto)'}", argv)
+        process = ManagedProcess(f"peer {blocks or '(auto)'}", [*argv, *args])
+        self._starting.append(process)
+        return process
+
+    def wait_for_peers(self, processes: list[ManagedProcess]) -> list[LocalPeer]:
+        started = []
+        for process in processes:
+            match = process.wait_for(PEER_READY)
+            started.append(LocalPeer(process, int(match.group(1)), int(match.group(2)), match.group(4),
+                                     match.group(5), match.group(6).split()))
+        for peer in started:
+            self._starting.remove(peer.process)
+        self.peers.extend(started)
+        return started
 
     def stop_peer(self, peer: LocalPeer) -> int | None:
         self.peers.remove(peer)
         return peer.process.terminate()
 
     def stop(self) -> None:
-        for peer in list(self.peers):
-            self.stop_peer(peer)
+        """Stops every peer (in parallel: each drains on its own) and then the coordinator."""
+        for process in self._starting:
+            process.kill()
+        self._starting.clear()
+        stoppers = [threading.Thread(target=self.stop_peer, args=(peer,)) for peer in list(self.peers)]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
         if self.coordinator is not None:
             self.coordinator.terminate()
             self.coordinator = None
