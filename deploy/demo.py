@@ -142,7 +142,7 @@ def streamed_text(tokenizer, prompt: str, new_ids: list[int]) -> str:
         text = tokenizer.decode(new_ids[:count], skip_special_tokens=True)
         written += text[len(shown):]
         shown = text
-    return written
+    return written + "\n"
 
 
 def process_tree(pids: list[int]) -> list[psutil.Process]:

@@ -27,6 +27,7 @@ def join(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(0, help="gRPC port (0 picks a free one)."),
+    dht_port: int = typer.Option(0, help="DHT port (0 picks a free one; fix it to open it in a firewall)."),
     announce_host: str = typer.Option(None, help="Address others reach this peer at (default: --host)."),
     cache_dir: Path = typer.Option(None, help="Where fetched blocks are cached (default ~/.cache/tsotsa)."),
     max_sessions: int = typer.Option(32, help="Concurrent inference sessions."),
@@ -53,7 +54,7 @@ def join(
         options = PeerOptions(
             coordinator=coordinator, model_dir=model, blocks=parse_span(blocks) if blocks else None,
             num_blocks=num_blocks, device=device, quant=quant, dtype=parse_dtype(dtype), host=host, port=port,
-            announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
+            dht_port=dht_port, announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
             limits=PeerLimits(max_sessions=max_sessions, max_cache_bytes=cache_mib << 20,
                               session_timeout=session_timeout),
             drain_timeout=drain_timeout, threads=threads,

@@ -37,6 +37,7 @@ class PeerOptions:
     dtype: torch.dtype = torch.float32
     host: str = "127.0.0.1"
     port: int = 0
+    dht_port: int = 0
     announce_host: str | None = None
     cache_dir: Path = field(default_factory=default_cache_dir)
     limits: PeerLimits = field(default_factory=PeerLimits)
@@ -82,13 +83,21 @@ def load_span(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClien
 def serve_peer(options: PeerOptions, say=print) -> None:
     if options.threads:
         torch.set_num_threads(options.threads)
-    client = CoordinatorClient(options.coordinator)
-    info = client.model_info()
+    if options.host in ("0.0.0.0", "::") and not options.announce_host:
+        raise TsotsaError(f"--host {options.host} listens everywhere: give --announce-host, the address "
+                          "other machines reach this one at")
+    with CoordinatorClient(options.coordinator) as client:
+        info = client.model_info()
+        _serve(options, info, client, say)
+
+
+def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, say) -> None:
+    """Joins the DHT, picks and loads the span, serves it until SIGTERM, then drains and leaves."""
     config = config_from_json(info.config_json)
     num_blocks = config.num_hidden_layers
     if options.blocks is not None and options.blocks.end > num_blocks:
         raise TsotsaError(f"blocks {options.blocks} are outside the model's {num_blocks} blocks")
-    dht = start_dht(list(info.dht_initial_peers), host=options.host)
+    dht = start_dht(list(info.dht_initial_peers), host=options.host, port=options.dht_port)
     try:
         peer_id = dht.peer_id.to_base58()
         spec = options.blocks
@@ -101,7 +110,6 @@ def serve_peer(options: PeerOptions, say=print) -> None:
                               quant=options.quant)
         announce(dht, info.model_id, record, options.record_ttl)
         span, source = load_span(options, info, client, spec)
-        client.close()
         record.throughput = measure_throughput(span)
 
         service: PeerService | None = None

@@ -12,6 +12,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -48,13 +49,19 @@ def config_from_json(text: str, origin: str = "config") -> LlamaConfig:
     return LlamaConfig(**raw)
 
 
-def model_id_for(config: LlamaConfig, tensor_specs: dict[str, tuple[str, tuple[int, ...]]]) -> str:
-    """Names a model by its architecture and tensor layout, the same on every machine whatever its path."""
-    digest = hashlib.sha256()
-    digest.update(config.to_json_string(use_diff=False).encode())
+# Written by whichever library saved the checkpoint: not part of the model's identity.
+_CONFIG_KEYS_IGNORED = ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype")
+
+
+def model_id_for(config_json: str, tensor_specs: dict[str, tuple[str, tuple[int, ...]]], fingerprint: str) -> str:
+    """Names a model by its config, tensor layout and a sample of its weights, the same on every machine
+    whatever its path or library versions; two fine-tunes of one architecture get different ids."""
+    raw = {k: v for k, v in json.loads(config_json).items() if k not in _CONFIG_KEYS_IGNORED}
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode())
     for name in sorted(tensor_specs):
         digest.update(f"{name}:{tensor_specs[name]}".encode())
-    return f"llama-{config.num_hidden_layers}x{config.hidden_size}-{digest.hexdigest()[:12]}"
+    digest.update(fingerprint.encode())
+    return f"llama-{raw.get('num_hidden_layers')}x{raw.get('hidden_size')}-{digest.hexdigest()[:12]}"
 
 
 @dataclass
@@ -90,9 +97,26 @@ class Checkpoint:
                 raise CheckpointError(f"{shard}: unreadable safetensors file ({exc})") from exc
         return cls(directory=directory, config=config, files=files, specs=specs)
 
-    @property
+    @cached_property
     def model_id(self) -> str:
-        return model_id_for(self.config, self.specs)
+        return model_id_for((self.directory / "config.json").read_text(), self.specs, self.weight_fingerprint())
+
+    def weight_fingerprint(self) -> str:
+        """sha256 over the first row of every tensor: cheap to read, yet differs between fine-tunes."""
+        digest = hashlib.sha256()
+        by_file: dict[Path, list[str]] = {}
+        for name in sorted(self.files):
+            by_file.setdefault(self.files[name], []).append(name)
+        read = 0
+        for path, names in sorted(by_file.items()):
+            with safe_open(str(path), framework="pt") as handle:
+                for name in names:
+                    row = handle.get_slice(name)[:1].contiguous()
+                    read += row.numel() * row.element_size()
+                    digest.update(name.encode() + row.view(-1).view(torch.uint8).numpy().tobytes())
+        with self._lock:
+            self.bytes_read += read
+        return digest.hexdigest()
 
     @property
     def total_bytes(self) -> int:

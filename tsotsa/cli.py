@@ -54,6 +54,7 @@ def generate(
     top_k: int = typer.Option(0, help="Keep only the k most likely tokens when sampling (0: all)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
     seed: int = typer.Option(None, help="Seed for sampling."),
+    cache_dir: Path = typer.Option(None, help="Where the head and tokenizer are cached (default ~/.cache/tsotsa)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line instead of streaming text."),
 ) -> None:
     """Generate a continuation of PROMPT through the swarm, streaming tokens as they come."""
@@ -67,7 +68,7 @@ def generate(
                 raise ValueError("--model needs --initial-peers (the DHT to find peers in)")
             swarm_model = SwarmModel.from_checkpoint(model, peers)
         elif coordinator:
-            swarm_model = SwarmModel.from_coordinator(coordinator, initial_peers=peers or None)
+            swarm_model = SwarmModel.from_coordinator(coordinator, initial_peers=peers or None, cache_dir=cache_dir)
         else:
             raise ValueError("give --coordinator HOST:PORT (or --model with --initial-peers)")
         with swarm_model:
@@ -100,7 +101,8 @@ def generate(
                     "tokens_per_s": round(stats["tokens_per_s"], 3),
                 }))
             else:
-                print(f"\n[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, "
+                print(flush=True)
+                print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, "
                       f"{stats['hops']} hops]", file=sys.stderr)
 
     run_command(body)
