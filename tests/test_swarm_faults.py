@@ -108,6 +108,26 @@ def test_peer_without_blocks_takes_the_uncovered_span(swarm, model, expected) ->
     assert generate_with(model, 1, lambda: None) == expected
 
 
+def test_frozen_peer_is_replaced_after_the_step_timeout(swarm, model, expected) -> None:
+    swarm.add_peers(["2:4"])
+    replicas = [p for p in swarm.peers if (p.start, p.end) == (2, 4)]
+    frozen = []
+
+    def freeze_the_replica_in_use() -> None:
+        victim = next(p for p in replicas if open_sessions(p.address) == 1)
+        victim.process.process.send_signal(signal.SIGSTOP)
+        frozen.append(victim)
+
+    model.swarm.step_timeout = 3.0
+    try:
+        assert generate_with(model, 3, freeze_the_replica_in_use) == expected
+    finally:
+        model.swarm.step_timeout = 300.0
+        for victim in frozen:
+            victim.process.process.send_signal(signal.SIGCONT)
+    assert frozen
+
+
 def test_inference_keeps_working_while_the_coordinator_is_down(swarm, tiny_model: Path, expected) -> None:
     swarm.coordinator.terminate()
     swarm.coordinator = None

@@ -111,7 +111,7 @@ class SwarmModel:
                                         hidden_states=encode(hidden, self.wire_dtype), attention_mask=encode(mask),
                                         position_ids=encode(positions))
             try:
-                reply = self.swarm.stub(hop.server.address).Forward(request, timeout=120)
+                reply = self.swarm.stub(hop.server.address).Forward(request, timeout=self.swarm.step_timeout)
             except grpc.RpcError as error:
                 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
                     raise describe_rpc_error(hop.server.address, "peer", error) from None

@@ -9,6 +9,7 @@ states, and generation the same tokens, as if nothing had happened.
 from __future__ import annotations
 
 import queue
+import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 
 from tsotsa.client.routing import Hop
 from tsotsa.client.swarm import Swarm
-from tsotsa.codec import decode, encode
+from tsotsa.codec import WireError, decode, encode
 from tsotsa.errors import SwarmError
 from tsotsa.v1 import tsotsa_pb2 as pb
 
@@ -49,7 +50,7 @@ class HopStream:
     """A bidirectional Inference stream to one peer, holding that peer's KV cache for blocks [start, end)."""
 
     def __init__(self, swarm: Swarm, hop: Hop, batch_size: int, max_length: int) -> None:
-        self.hop = hop
+        self.hop, self.timeout = hop, swarm.step_timeout
         self.session_id = uuid.uuid4().hex
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = swarm.stub(hop.server.address).Inference(iter(self._requests.get, None))
@@ -59,16 +60,31 @@ class HopStream:
 
     def step(self, inputs: StepInputs, wire_dtype: torch.dtype) -> torch.Tensor:
         reply = self._exchange(pb.InferenceRequest(session_id=self.session_id, step=inputs.to_message(wire_dtype)))
-        return decode(reply.hidden_states, what="hidden_states", ndim=3)
+        try:
+            hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
+        except WireError as error:
+            raise HopFailure(self.hop, grpc.StatusCode.INTERNAL, f"malformed reply: {error}") from None
+        if hidden.shape != inputs.hidden.shape:
+            raise HopFailure(self.hop, grpc.StatusCode.INTERNAL,
+                             f"reply of shape {list(hidden.shape)} for input {list(inputs.hidden.shape)}")
+        return hidden
 
     def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
+        """Sends one request and waits for its reply; a peer silent past the timeout counts as failed."""
         self._requests.put(request)
+        watchdog = threading.Timer(self.timeout, self._call.cancel)
+        watchdog.start()
         try:
             return next(self._call)
         except StopIteration:
             raise HopFailure(self.hop, grpc.StatusCode.UNAVAILABLE, "peer closed the stream") from None
         except grpc.RpcError as error:
+            if watchdog.finished.is_set() and error.code() == grpc.StatusCode.CANCELLED:
+                raise HopFailure(self.hop, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"no reply within {self.timeout:g} s") from None
             raise HopFailure(self.hop, error.code(), error.details()) from None
+        finally:
+            watchdog.cancel()
 
     def close(self) -> None:
         """Half-closes the stream: the peer finishes, frees the session and ends the call."""

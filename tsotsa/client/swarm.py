@@ -14,8 +14,9 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 
 class Swarm:
-    def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int) -> None:
+    def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int, step_timeout: float = 300.0) -> None:
         self.dht, self.model_id, self.num_blocks = dht, model_id, num_blocks
+        self.step_timeout = step_timeout  # seconds a peer may take to answer one step before it is replaced
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
