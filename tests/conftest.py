@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tsotsa.client.model import SwarmModel  # noqa: E402
 from tsotsa.local_swarm import LocalSwarm  # noqa: E402
 from tsotsa.tiny_model import make_tiny_model  # noqa: E402
 
@@ -43,9 +44,14 @@ def start_swarm(model_dir: Path, spans: list[str | None], *peer_args: str, cache
     return swarm
 
 
+def connect(swarm: LocalSwarm, tmp_path_factory, **options) -> SwarmModel:
+    """A client of `swarm`, with a cache of its own (a fresh machine's view)."""
+    return SwarmModel.from_coordinator(swarm.coordinator_address, cache_dir=tmp_path_factory.mktemp("client"),
+                                       **options)
+
+
 @pytest.fixture(scope="module")
-def tiny_swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
-    """The tiny model served by 3 peers with uneven spans: 0:1, 1:3, 3:4."""
-    swarm = start_swarm(tiny_model, ["0:1", "1:3", "3:4"], cache_dir=tmp_path_factory.mktemp("cache"))
-    yield swarm
-    swarm.stop()
+def model(swarm: LocalSwarm, tmp_path_factory) -> Iterator[SwarmModel]:
+    """A client of the module's `swarm` fixture."""
+    with connect(swarm, tmp_path_factory) as swarm_model:
+        yield swarm_model

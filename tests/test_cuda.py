@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaForCausalLM
 
-from conftest import start_swarm
+from conftest import connect, start_swarm
 from oracle import PROMPTS
 from tsotsa.client.model import SwarmModel
 
@@ -29,8 +29,7 @@ def cuda_swarm(gqa_sharded_model: Path, tmp_path_factory):
         swarm = start_swarm(gqa_sharded_model, ["0:3", "3:8"], "--device", "cuda", *peer_args,
                             cache_dir=tmp_path_factory.mktemp("cache"))
         started.append(swarm)
-        return SwarmModel.from_coordinator(swarm.coordinator_address, cache_dir=tmp_path_factory.mktemp("client"),
-                                           device="cuda")
+        return connect(swarm, tmp_path_factory, device="cuda")
 
     yield start
     for swarm in started:

@@ -35,13 +35,6 @@ def swarm(tiny_model: Path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(swarm, tmp_path_factory):
-    with SwarmModel.from_coordinator(swarm.coordinator_address,
-                                     cache_dir=tmp_path_factory.mktemp("client")) as swarm_model:
-        yield swarm_model
-
-
-@pytest.fixture(scope="module")
 def expected(tiny_model: Path, model: SwarmModel) -> list[list[int]]:
     reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
     return reference.generate(**encode_prompts(model, PROMPTS), max_new_tokens=NEW_TOKENS, do_sample=False).tolist()

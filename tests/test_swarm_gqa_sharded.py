@@ -10,7 +10,6 @@ from transformers import LlamaForCausalLM
 
 from conftest import start_swarm
 from oracle import PROMPTS, assert_greedy_matches, max_logit_difference
-from tsotsa.client.model import SwarmModel
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
@@ -25,13 +24,6 @@ def swarm(gqa_sharded_model: Path, tmp_path_factory):
         yield swarm
     finally:
         swarm.stop()
-
-
-@pytest.fixture(scope="module")
-def model(swarm, tmp_path_factory):
-    with SwarmModel.from_coordinator(swarm.coordinator_address,
-                                     cache_dir=tmp_path_factory.mktemp("client-cache")) as swarm_model:
-        yield swarm_model
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from conftest import start_swarm
 from oracle import PROMPTS, assert_greedy_matches, encode_prompts, max_logit_difference
 from tsotsa.client.model import SwarmModel
 
@@ -23,10 +24,11 @@ def reference(tiny_model: Path) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_swarm, tmp_path_factory):
-    with SwarmModel.from_coordinator(tiny_swarm.coordinator_address,
-                                     cache_dir=tmp_path_factory.mktemp("client-cache")) as swarm_model:
-        yield swarm_model
+def swarm(tiny_model: Path, tmp_path_factory):
+    """The tiny model served by 3 peers with uneven spans: 0:1, 1:3, 3:4."""
+    swarm = start_swarm(tiny_model, ["0:1", "1:3", "3:4"], cache_dir=tmp_path_factory.mktemp("cache"))
+    yield swarm
+    swarm.stop()
 
 
 def test_forward_logits_match_transformers(model: SwarmModel, reference: LlamaForCausalLM) -> None:
@@ -57,10 +59,10 @@ def test_seeded_sampling_is_reproducible_and_matches_transformers(model, referen
     assert first.tolist() == expected.tolist()
 
 
-def test_cli_generate_json_and_status(tiny_swarm, reference, tmp_path: Path) -> None:
+def test_cli_generate_json_and_status(swarm, reference, tmp_path: Path) -> None:
     env = {"TSOTSA_CACHE": str(tmp_path), "PATH": str(BIN)}
     result = subprocess.run(
-        [str(BIN / "tsotsa"), "generate", "--coordinator", tiny_swarm.coordinator_address, "--max-new-tokens", "12",
+        [str(BIN / "tsotsa"), "generate", "--coordinator", swarm.coordinator_address, "--max-new-tokens", "12",
          "--json", PROMPTS[0]], capture_output=True, text=True, timeout=120, env=env,
     )
     assert result.returncode == 0, result.stderr
@@ -70,7 +72,7 @@ def test_cli_generate_json_and_status(tiny_swarm, reference, tmp_path: Path) -> 
     expected = reference.generate(torch.tensor([record["prompt_ids"]]), max_new_tokens=12, do_sample=False)
     assert record["prompt_ids"] + record["output_ids"] == expected[0].tolist()
 
-    result = subprocess.run([str(BIN / "tsotsa"), "status", "--coordinator", tiny_swarm.coordinator_address,
+    result = subprocess.run([str(BIN / "tsotsa"), "status", "--coordinator", swarm.coordinator_address,
                              "--json"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     swarm_map = json.loads(result.stdout)

@@ -8,9 +8,8 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-from conftest import start_swarm
+from conftest import connect, start_swarm
 from oracle import PROMPTS, encode_prompts, max_logit_difference
-from tsotsa.client.model import SwarmModel
 
 QUANTIZATION = {
     "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
@@ -23,8 +22,7 @@ def quantized(request, tiny_model: Path, tmp_path_factory):
     quant = request.param
     swarm = start_swarm(tiny_model, ["0:3", "3:4"], "--quant", quant, cache_dir=tmp_path_factory.mktemp("cache"))
     try:
-        with SwarmModel.from_coordinator(swarm.coordinator_address,
-                                         cache_dir=tmp_path_factory.mktemp("client")) as swarm_model:
+        with connect(swarm, tmp_path_factory) as swarm_model:
             yield quant, swarm_model
     finally:
         swarm.stop()

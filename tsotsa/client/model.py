@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint, config_from_json
+from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint
 from tsotsa.client.session import InferenceSession
 from tsotsa.client.swarm import Swarm
 from tsotsa.codec import decode, encode
