@@ -86,7 +86,7 @@ class BlockSpan(nn.Module):
             self.layers[j].load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
         if quant != "none":
             for layer in self.layers:
-                _quantize_linears(layer, quant, dtype)
+                quantize_linears(layer, quant, dtype)
         self.to(self.device)
         self.rotary = LlamaRotaryEmbedding(config).to(self.device)
         self.eval()
@@ -149,7 +149,7 @@ class BlockSpan(nn.Module):
         return hidden_states
 
 
-def _quantize_linears(module: nn.Module, quant: str, compute_dtype: torch.dtype) -> None:
+def quantize_linears(module: nn.Module, quant: str, compute_dtype: torch.dtype) -> None:
     """Swaps every nn.Linear for its bitsandbytes counterpart; the weights quantize when moved to the device."""
     import bitsandbytes as bnb
 
@@ -174,4 +174,4 @@ def _quantize_linears(module: nn.Module, quant: str, compute_dtype: torch.dtype)
                 replacement.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(module, name, replacement)
         else:
-            _quantize_linears(child, quant, compute_dtype)
+            quantize_linears(child, quant, compute_dtype)

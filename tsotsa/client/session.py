@@ -9,7 +9,6 @@ states, and generation the same tokens, as if nothing had happened.
 from __future__ import annotations
 
 import queue
-import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -50,7 +49,7 @@ class HopStream:
     """A bidirectional Inference stream to one peer, holding that peer's KV cache for blocks [start, end)."""
 
     def __init__(self, swarm: Swarm, hop: Hop, batch_size: int, max_length: int) -> None:
-        self.hop, self.timeout = hop, swarm.step_timeout
+        self.hop, self.timeout, self._watchdog = hop, swarm.step_timeout, swarm.watchdog
         self.session_id = uuid.uuid4().hex
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = swarm.stub(hop.server.address).Inference(iter(self._requests.get, None))
@@ -72,19 +71,19 @@ class HopStream:
     def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
         """Sends one request and waits for its reply; a peer silent past the timeout counts as failed."""
         self._requests.put(request)
-        watchdog = threading.Timer(self.timeout, self._call.cancel)
-        watchdog.start()
+        token = self._watchdog.arm(self._call, self.timeout)
         try:
-            return next(self._call)
+            reply = next(self._call)
         except StopIteration:
+            self._watchdog.disarm(token)
             raise HopFailure(self.hop, grpc.StatusCode.UNAVAILABLE, "peer closed the stream") from None
         except grpc.RpcError as error:
-            if watchdog.finished.is_set() and error.code() == grpc.StatusCode.CANCELLED:
+            if self._watchdog.disarm(token):
                 raise HopFailure(self.hop, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"no reply within {self.timeout:g} s") from None
             raise HopFailure(self.hop, error.code(), error.details()) from None
-        finally:
-            watchdog.cancel()
+        self._watchdog.disarm(token)
+        return reply
 
     def close(self) -> None:
         """Half-closes the stream: the peer finishes, frees the session and ends the call."""

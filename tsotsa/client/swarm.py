@@ -8,6 +8,7 @@ import grpc
 import hivemind
 
 from tsotsa.client.routing import Hop, plan_route
+from tsotsa.client.watchdog import Watchdog
 from tsotsa.dht import ServerRecord, find_servers
 from tsotsa.remote import GRPC_OPTIONS
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
@@ -17,6 +18,7 @@ class Swarm:
     def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int, step_timeout: float = 300.0) -> None:
         self.dht, self.model_id, self.num_blocks = dht, model_id, num_blocks
         self.step_timeout = step_timeout  # seconds a peer may take to answer one step before it is replaced
+        self.watchdog = Watchdog()
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -34,6 +36,7 @@ class Swarm:
             return pb_grpc.PeerStub(channel)
 
     def close(self) -> None:
+        self.watchdog.stop()
         with self._lock:
             for channel in self._channels.values():
                 channel.close()
