@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def gqa_sharded_model(tmp_path_factory) -> Path:
     """8 blocks, grouped-query attention (8 heads, 2 KV heads), sharded into many safetensors files."""
     return make_tiny_model(tmp_path_factory.mktemp("gqa") / "model", layers=8, hidden=64, heads=8, kv_heads=2,
                            vocab=512, seed=2, shard_size="150KB")
+
+
+MODULES = {"tsotsa": "tsotsa", "tsotsa-peer": "tsotsa.peer", "tsotsa-coordinator": "tsotsa.coordinator"}
+
+
+def cli(name: str) -> list[str]:
+    """argv of a tsotsa command: its console script, or `python -m` where the install made none."""
+    script = Path(sys.executable).parent / name
+    return [str(script)] if script.is_file() else [sys.executable, "-m", MODULES[name]]
 
 
 def start_swarm(model_dir: Path, spans: list[str | None], *peer_args: str, cache_dir: Path | None = None,

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from conftest import cli
 from tsotsa.checkpoint import HEAD_PREFIXES, Checkpoint, block_prefix
 from tsotsa.errors import CheckpointError
 
-BIN = Path(sys.executable).parent
 
 
 def test_make_tiny_model_cli_writes_a_loadable_gqa_sharded_llama(tmp_path: Path) -> None:
     out = tmp_path / "model"
     result = subprocess.run(
-        [str(BIN / "tsotsa"), "make-tiny-model", str(out), "--layers", "3", "--hidden", "32", "--heads", "4",
+        [*cli("tsotsa"), "make-tiny-model", str(out), "--layers", "3", "--hidden", "32", "--heads", "4",
          "--kv-heads", "2", "--vocab", "300", "--seed", "5", "--shard-size", "50KB"],
         capture_output=True, text=True, check=True,
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -16,14 +15,13 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import start_swarm
+from conftest import cli, start_swarm
 from oracle import PROMPTS, encode_prompts
 from tsotsa.client.model import SwarmModel
 from tsotsa.errors import SwarmError
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
-BIN = Path(sys.executable).parent
 NEW_TOKENS = 24
 
 
@@ -87,7 +85,7 @@ def test_uncovered_block_is_a_clear_error_in_python_and_one_line_in_the_cli(swar
     with pytest.raises(SwarmError, match="no route covers block 2"):
         generate_with(model, 1, lambda: None)
     result = subprocess.run(
-        [str(BIN / "tsotsa"), "generate", "--coordinator", swarm.coordinator_address, "hello"],
+        [*cli("tsotsa"), "generate", "--coordinator", swarm.coordinator_address, "hello"],
         capture_output=True, text=True, timeout=120, env={"TSOTSA_CACHE": str(tmp_path)},
     )
     assert result.returncode == 1
@@ -130,18 +128,18 @@ def test_inference_keeps_working_while_the_coordinator_is_down(swarm, tiny_model
 
 def test_unreachable_coordinator_and_bad_checkpoint_are_one_readable_line(tmp_path: Path) -> None:
     commands = [
-        ([str(BIN / "tsotsa"), "generate", "--coordinator", "127.0.0.1:9", "hi"],
+        ([*cli("tsotsa"), "generate", "--coordinator", "127.0.0.1:9", "hi"],
          "error: cannot reach coordinator at 127.0.0.1:9"),
-        ([str(BIN / "tsotsa"), "status", "--coordinator", "127.0.0.1:9"], "error: cannot reach coordinator"),
-        ([str(BIN / "tsotsa-peer"), "join", "--coordinator", "127.0.0.1:9"], "error: cannot reach coordinator"),
-        ([str(BIN / "tsotsa-coordinator"), "up", "--model", str(tmp_path / "nowhere"), "--port", "0"],
+        ([*cli("tsotsa"), "status", "--coordinator", "127.0.0.1:9"], "error: cannot reach coordinator"),
+        ([*cli("tsotsa-peer"), "join", "--coordinator", "127.0.0.1:9"], "error: cannot reach coordinator"),
+        ([*cli("tsotsa-coordinator"), "up", "--model", str(tmp_path / "nowhere"), "--port", "0"],
          "error: " + str(tmp_path / "nowhere") + ": no such checkpoint directory"),
-        ([str(BIN / "tsotsa-peer"), "join", "--coordinator", "127.0.0.1:9", "--blocks", "3"],
+        ([*cli("tsotsa-peer"), "join", "--coordinator", "127.0.0.1:9", "--blocks", "3"],
          "error: bad block span '3'"),
     ]
     for argv, message in commands:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                                env={"TSOTSA_CACHE": str(tmp_path), "PATH": str(BIN)})
+                                env={"TSOTSA_CACHE": str(tmp_path)})
         assert result.returncode == 1, (argv, result.stderr)
         assert result.stderr.startswith(message), (argv, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, (argv, result.stderr)

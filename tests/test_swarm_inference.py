@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import start_swarm
+from conftest import cli, start_swarm
 from oracle import PROMPTS, assert_greedy_matches, encode_prompts, max_logit_difference
 from tsotsa.client.model import SwarmModel
 
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +58,9 @@ def test_seeded_sampling_is_reproducible_and_matches_transformers(model, referen
 
 
 def test_cli_generate_json_and_status(swarm, reference, tmp_path: Path) -> None:
-    env = {"TSOTSA_CACHE": str(tmp_path), "PATH": str(BIN)}
+    env = {"TSOTSA_CACHE": str(tmp_path)}
     result = subprocess.run(
-        [str(BIN / "tsotsa"), "generate", "--coordinator", swarm.coordinator_address, "--max-new-tokens", "12",
+        [*cli("tsotsa"), "generate", "--coordinator", swarm.coordinator_address, "--max-new-tokens", "12",
          "--json", PROMPTS[0]], capture_output=True, text=True, timeout=120, env=env,
     )
     assert result.returncode == 0, result.stderr
@@ -72,7 +70,7 @@ def test_cli_generate_json_and_status(swarm, reference, tmp_path: Path) -> None:
     expected = reference.generate(torch.tensor([record["prompt_ids"]]), max_new_tokens=12, do_sample=False)
     assert record["prompt_ids"] + record["output_ids"] == expected[0].tolist()
 
-    result = subprocess.run([str(BIN / "tsotsa"), "status", "--coordinator", swarm.coordinator_address,
+    result = subprocess.run([*cli("tsotsa"), "status", "--coordinator", swarm.coordinator_address,
                              "--json"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     swarm_map = json.loads(result.stdout)
