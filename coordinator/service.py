@@ -7,11 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 import hivemind
-import torch
 from hivemind.utils import get_dht_time
 
 from tsotsa.checkpoint import Checkpoint, TOKENIZER_FILES
-from tsotsa.codec import DTYPE_NAMES
+from tsotsa.codec import DTYPE_NAMES, tensor_bytes
 from tsotsa.dht import find_servers
 from tsotsa.remote import model_config_json
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -65,9 +64,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if unknown:
             context.abort(grpc.StatusCode.NOT_FOUND, f"files not served: {unknown[:3]}")
         for name in self.checkpoint.names_with_prefix(list(request.tensor_prefixes)):
-            tensor = self.checkpoint.read([name])[name].contiguous()
-            data = tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-            yield from _chunks(name, data, is_file=False, dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape))
+            tensor = self.checkpoint.read([name])[name]
+            yield from _chunks(name, tensor_bytes(tensor), is_file=False, dtype=DTYPE_NAMES[tensor.dtype],
+                               shape=list(tensor.shape))
         for name in request.file_names:
             yield from _chunks(name, (self.checkpoint.directory / name).read_bytes(), is_file=True)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import zlib
 
-import numpy as np
 import torch
 
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -40,15 +39,23 @@ def dtype_from_name(name: str) -> torch.dtype:
         raise WireError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The row-major bytes of a tensor (any dtype, bfloat16 and bool included), on the CPU."""
+    # flattened first: a 0-d tensor cannot be viewed as bytes
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of `tensor_bytes`; the caller has checked that the sizes agree."""
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return buffer.view(dtype).reshape(shape)
+
+
 def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None, compress: bool = False) -> pb.Tensor:
     """Serializes a tensor, optionally cast to `dtype` for the wire (e.g. bf16 to halve the bytes)."""
     if dtype is not None and tensor.dtype != dtype:
         tensor = tensor.to(dtype)
-    tensor = tensor.detach().contiguous().cpu()
-    if tensor.dtype == torch.bool:
-        raw = tensor.numpy().astype(np.uint8).tobytes()
-    else:  # flattened first: a 0-d tensor cannot be viewed as bytes
-        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    raw = tensor_bytes(tensor)
     codec = pb.Tensor.RAW
     if compress:
         raw, codec = zlib.compress(raw, 1), pb.Tensor.ZLIB
@@ -92,7 +99,4 @@ def decode(
         raise WireError(f"{what}: unknown codec {message.codec}")
     if len(data) != expected:
         raise WireError(f"{what}: {len(data)} bytes for shape {list(shape)} of {message.dtype} (need {expected})")
-    if dtype == torch.bool:
-        return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()).to(torch.bool).reshape(shape)
-    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    return buffer.view(dtype).reshape(shape)
+    return tensor_from_bytes(data, dtype, shape)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from tsotsa.checkpoint import Checkpoint, block_prefix
-from tsotsa.codec import DTYPES
+from tsotsa.codec import DTYPES, tensor_from_bytes
 from tsotsa.errors import SwarmError
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
@@ -92,8 +92,7 @@ class CoordinatorClient:
                 if current.is_file:
                     blobs[current.name] = bytes(buffer)
                 else:
-                    flat = torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
-                    tensors[current.name] = flat.view(DTYPES[current.dtype]).reshape(tuple(current.shape)).clone()
+                    tensors[current.name] = tensor_from_bytes(buffer, DTYPES[current.dtype], tuple(current.shape))
                 current = None
         except grpc.RpcError as error:
             raise describe_rpc_error(self.address, "coordinator", error) from None
