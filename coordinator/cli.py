@@ -22,8 +22,11 @@ def up(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (gRPC and DHT)."),
     port: int = typer.Option(7070, help="gRPC port (0 picks a free one)."),
     dht_port: int = typer.Option(0, help="DHT port (0 picks a free one)."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
+                              help="Swarm token (or TSOTSA_TOKEN): calls without it are refused."),
 ) -> None:
     """Serve MODEL to the swarm until SIGTERM or Ctrl-C."""
     from tsotsa.coordinator.server import serve_coordinator
 
-    run_command(lambda: serve_coordinator(model, host, port, dht_port, announce=lambda line: print(line, flush=True)))
+    run_command(lambda: serve_coordinator(model, host, port, dht_port, announce=lambda line: print(line, flush=True),
+                                          token=token))

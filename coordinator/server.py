@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from tsotsa.auth import server_interceptors
 from tsotsa.checkpoint import Checkpoint
 from tsotsa.dht import start_dht
 from tsotsa.errors import TsotsaError
@@ -17,13 +18,15 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.coordinator.service import CoordinatorService
 
 
-def serve_coordinator(model_dir: Path, host: str, port: int, dht_port: int, announce=print) -> None:
+def serve_coordinator(model_dir: Path, host: str, port: int, dht_port: int, announce=print,
+                      token: str | None = None) -> None:
     """Serves until SIGTERM/SIGINT; `announce` receives the one line that says where."""
     checkpoint = Checkpoint.open(model_dir)
     dht = start_dht([], host=host, port=dht_port)
     try:
         service = CoordinatorService(checkpoint, checkpoint.model_id, dht)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS,
+                             interceptors=server_interceptors(token))
         pb_grpc.add_CoordinatorServicer_to_server(service, server)
         bound = server.add_insecure_port(f"{host}:{port}")
         if bound == 0:

@@ -35,6 +35,8 @@ def join(
     session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
     drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for open sessions."),
     threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
+                              help="Swarm token (or TSOTSA_TOKEN): sent to the coordinator, required of callers."),
 ) -> None:
     """Serve a span of the coordinator's model until SIGTERM (which drains open sessions first)."""
 
@@ -57,7 +59,7 @@ def join(
             dht_port=dht_port, announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
             limits=PeerLimits(max_sessions=max_sessions, max_cache_bytes=cache_mib << 20,
                               session_timeout=session_timeout),
-            drain_timeout=drain_timeout, threads=threads,
+            drain_timeout=drain_timeout, threads=threads, token=token,
         )
         serve_peer(options, say=lambda line: print(line, flush=True))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from tsotsa.auth import server_interceptors
 from tsotsa.checkpoint import Checkpoint, block_prefix, config_from_json
 from tsotsa.dht import ServerRecord, announce, find_servers, start_dht
 from tsotsa.errors import CheckpointError, TsotsaError
@@ -45,6 +46,7 @@ class PeerOptions:
     record_ttl: float = 15.0
     drain_timeout: float = 60.0
     threads: int | None = None
+    token: str | None = None
 
 
 def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
@@ -86,7 +88,7 @@ def serve_peer(options: PeerOptions, say=print) -> None:
     if options.host in ("0.0.0.0", "::") and not options.announce_host:
         raise TsotsaError(f"--host {options.host} listens everywhere: give --announce-host, the address "
                           "other machines reach this one at")
-    with CoordinatorClient(options.coordinator) as client:
+    with CoordinatorClient(options.coordinator, token=options.token) as client:
         info = client.model_info()
         _serve(options, info, client, say)
 
@@ -127,7 +129,7 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
         service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info)
         workers = options.limits.max_sessions + 8
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS,
-                             maximum_concurrent_rpcs=workers)
+                             maximum_concurrent_rpcs=workers, interceptors=server_interceptors(options.token))
         pb_grpc.add_PeerServicer_to_server(service, server)
         port = server.add_insecure_port(f"{options.host}:{options.port}")
         if port == 0:

@@ -56,6 +56,8 @@ def generate(
     seed: int = typer.Option(None, help="Seed for sampling."),
     cache_dir: Path = typer.Option(None, help="Where the head and tokenizer are cached (default ~/.cache/tsotsa)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line instead of streaming text."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
+                              help="Swarm token (or TSOTSA_TOKEN); every call carries it."),
 ) -> None:
     """Generate a continuation of PROMPT through the swarm, streaming tokens as they come."""
 
@@ -66,9 +68,10 @@ def generate(
         if model is not None:
             if not peers:
                 raise ValueError("--model needs --initial-peers (the DHT to find peers in)")
-            swarm_model = SwarmModel.from_checkpoint(model, peers)
+            swarm_model = SwarmModel.from_checkpoint(model, peers, token=token)
         elif coordinator:
-            swarm_model = SwarmModel.from_coordinator(coordinator, initial_peers=peers or None, cache_dir=cache_dir)
+            swarm_model = SwarmModel.from_coordinator(coordinator, initial_peers=peers or None, cache_dir=cache_dir,
+                                                      token=token)
         else:
             raise ValueError("give --coordinator HOST:PORT (or --model with --initial-peers)")
         with swarm_model:
@@ -112,6 +115,8 @@ def generate(
 def status(
     coordinator: str = typer.Option(..., help="Coordinator HOST:PORT."),
     as_json: bool = typer.Option(False, "--json", help="Print the swarm map as JSON."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
+                              help="Swarm token (or TSOTSA_TOKEN); every call carries it."),
 ) -> None:
     """Print the swarm map: every block, the peers serving it, their state and throughput."""
 
@@ -119,7 +124,7 @@ def status(
         from tsotsa.remote import CoordinatorClient
         from tsotsa.swarm_map import print_swarm_map, swarm_map_json
 
-        with CoordinatorClient(coordinator) as client:
+        with CoordinatorClient(coordinator, token=token) as client:
             swarm_map = client.swarm_status()
         if as_json:
             print(json.dumps(swarm_map_json(swarm_map)))

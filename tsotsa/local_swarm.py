@@ -112,6 +112,7 @@ class LocalSwarm:
     model_dir: Path
     cache_dir: Path | None = None
     threads: int = 1
+    token: str | None = None  # given to every process as TSOTSA_TOKEN (not on the command line: ps shows that)
     coordinator_address: str = ""
     model_id: str = ""
     initial_peers: list[str] = field(default_factory=list)
@@ -121,7 +122,7 @@ class LocalSwarm:
 
     def start_coordinator(self) -> str:
         self.coordinator = ManagedProcess("coordinator", [
-            *COORDINATOR_COMMAND, "up", "--model", str(self.model_dir), "--port", "0"])
+            *COORDINATOR_COMMAND, "up", "--model", str(self.model_dir), "--port", "0"], self._env())
         match = self.coordinator.wait_for(COORDINATOR_READY)
         self.model_id, self.coordinator_address = match.group(1), match.group(2)
         self.initial_peers = match.group(3).split()
@@ -147,9 +148,12 @@ class LocalSwarm:
             argv += ["--model", str(self.model_dir)]
         if self.cache_dir is not None:
             argv += ["--cache-dir", str(self.cache_dir)]
-        process = ManagedProcess(f"peer {blocks or '(auto)'}", [*argv, *args])
+        process = ManagedProcess(f"peer {blocks or '(auto)'}", [*argv, *args], self._env())
         self._starting.append(process)
         return process
+
+    def _env(self) -> dict[str, str]:
+        return {"TSOTSA_TOKEN": self.token} if self.token else {}
 
     def wait_for_peers(self, processes: list[ManagedProcess]) -> list[LocalPeer]:
         started = []

@@ -16,6 +16,7 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
+from tsotsa.auth import with_token
 from tsotsa.checkpoint import Checkpoint, block_prefix
 from tsotsa.codec import DTYPES, tensor_from_bytes
 from tsotsa.errors import SwarmError
@@ -44,10 +45,14 @@ def describe_rpc_error(address: str, what: str, error: grpc.RpcError) -> SwarmEr
     return SwarmError(f"{what} at {address}: {code.name if code else 'error'}: {details}")
 
 
+def open_channel(address: str, token: str | None) -> grpc.Channel:
+    return with_token(grpc.insecure_channel(address, options=GRPC_OPTIONS), token)
+
+
 class CoordinatorClient:
-    def __init__(self, address: str, timeout: float = RPC_TIMEOUT) -> None:
+    def __init__(self, address: str, timeout: float = RPC_TIMEOUT, token: str | None = None) -> None:
         self.address, self.timeout = address, timeout
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = open_channel(address, token)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:

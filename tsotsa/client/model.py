@@ -34,10 +34,11 @@ TokenCallback = Callable[[torch.Tensor], None]
 
 class SwarmModel:
     def __init__(self, config: LlamaConfig, model_id: str, head: dict[str, torch.Tensor], dht: hivemind.DHT,
-                 tokenizer=None, wire_dtype: torch.dtype | None = None, device: str = "cpu") -> None:
+                 tokenizer=None, wire_dtype: torch.dtype | None = None, device: str = "cpu",
+                 token: str | None = None) -> None:
         self.config, self.model_id, self.tokenizer, self.dht = config, model_id, tokenizer, dht
         self.device = torch.device(device)
-        self.swarm = Swarm(dht, model_id, config.num_hidden_layers)
+        self.swarm = Swarm(dht, model_id, config.num_hidden_layers, token=token)
         embed = head["model.embed_tokens.weight"]
         self.dtype = embed.dtype
         self.wire_dtype = wire_dtype or self.dtype
@@ -54,29 +55,31 @@ class SwarmModel:
 
     @classmethod
     def from_coordinator(cls, address: str, *, cache_dir: Path | None = None, initial_peers: list[str] | None = None,
-                         wire_dtype: torch.dtype | None = None, device: str = "cpu") -> "SwarmModel":
+                         wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None
+                         ) -> "SwarmModel":
         """Fetches the head and tokenizer once (cached on disk) and joins the DHT as a client."""
-        with CoordinatorClient(address) as client:
+        with CoordinatorClient(address, token=token) as client:
             info = client.model_info()
             checkpoint = cached_checkpoint(client, info, cache_dir or default_cache_dir(), head=True)
         return cls._from_checkpoint(checkpoint, info.model_id, list(initial_peers or info.dht_initial_peers),
-                                    wire_dtype, device)
+                                    wire_dtype, device, token)
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path | str, initial_peers: list[str], *,
-                        wire_dtype: torch.dtype | None = None, device: str = "cpu") -> "SwarmModel":
+                        wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None
+                        ) -> "SwarmModel":
         """Uses a local copy of the checkpoint for the head: works while the coordinator is down."""
         checkpoint = Checkpoint.open(model_dir)
-        return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype, device)
+        return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype, device, token)
 
     @classmethod
     def _from_checkpoint(cls, checkpoint: Checkpoint, model_id: str, initial_peers: list[str],
-                         wire_dtype: torch.dtype | None, device: str) -> "SwarmModel":
+                         wire_dtype: torch.dtype | None, device: str, token: str | None) -> "SwarmModel":
         head = checkpoint.read_prefixes(HEAD_PREFIXES)
         has_tokenizer = any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory) if has_tokenizer else None
         dht = start_dht(initial_peers, client_mode=True)
-        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype, device)
+        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype, device, token)
 
     def close(self) -> None:
         self.swarm.close()

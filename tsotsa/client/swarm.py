@@ -10,13 +10,14 @@ import hivemind
 from tsotsa.client.routing import Hop, plan_route
 from tsotsa.client.watchdog import Watchdog
 from tsotsa.dht import ServerRecord, find_servers
-from tsotsa.remote import GRPC_OPTIONS
+from tsotsa.remote import open_channel
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 
 class Swarm:
-    def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int, step_timeout: float = 300.0) -> None:
-        self.dht, self.model_id, self.num_blocks = dht, model_id, num_blocks
+    def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int, step_timeout: float = 300.0,
+                 token: str | None = None) -> None:
+        self.dht, self.model_id, self.num_blocks, self._token = dht, model_id, num_blocks, token
         self.step_timeout = step_timeout  # seconds a peer may take to answer one step before it is replaced
         self.watchdog = Watchdog()
         self._channels: dict[str, grpc.Channel] = {}
@@ -32,7 +33,7 @@ class Swarm:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+                channel = self._channels[address] = open_channel(address, self._token)
             return pb_grpc.PeerStub(channel)
 
     def close(self) -> None:
