@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from transformers import LlamaConfig
 
 from tsotsa.auth import server_interceptors
 from tsotsa.checkpoint import Checkpoint, block_prefix, config_from_json
@@ -66,10 +67,9 @@ def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
     return steps / max(time.perf_counter() - began, 1e-9)
 
 
-def load_span(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, spec: SpanSpec
-              ) -> tuple[BlockSpan, Checkpoint]:
+def load_span(options: PeerOptions, info: pb.ModelInfo, config: LlamaConfig, client: CoordinatorClient,
+              spec: SpanSpec) -> tuple[BlockSpan, Checkpoint]:
     """Reads only the span's tensors: from --model when given, else from the coordinator into the cache."""
-    config = config_from_json(info.config_json)
     if options.model_dir is not None:
         source = Checkpoint.open(options.model_dir)
         if source.model_id != info.model_id:
@@ -111,7 +111,7 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
                               throughput=0.0, device=options.device, dtype=str(options.dtype).removeprefix("torch."),
                               quant=options.quant)
         announce(dht, info.model_id, record, options.record_ttl)
-        span, source = load_span(options, info, client, spec)
+        span, source = load_span(options, info, config, client, spec)
         record.throughput = measure_throughput(span)
 
         service: PeerService | None = None
