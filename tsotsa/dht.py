@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 import hivemind
 from hivemind.utils import get_dht_time
 
+from tsotsa.errors import SwarmError
+
 STATES = ("joining", "online", "draining")
 
 
@@ -40,15 +42,33 @@ def block_key(model_id: str, index: int) -> str:
     return f"{model_id}.block.{index}"
 
 
+DHT_START_TIMEOUT = 45.0
+DHT_START_ATTEMPTS = 3
+
+
 def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False
               ) -> hivemind.DHT:
-    """Starts a hivemind DHT node (a child process with its p2p daemon) bootstrapped from `initial_peers`."""
-    return hivemind.DHT(
-        initial_peers=initial_peers or None,
-        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
-        client_mode=client_mode,
-        start=True,
-    )
+    """Starts a hivemind DHT node (a forked child with its p2p daemon) bootstrapped from `initial_peers`.
+
+    hivemind forks the calling process; when that process already runs threads (gRPC's, torch's), the
+    child can deadlock at random before it is ready (seen here: stuck spawning p2pd). A child not ready in
+    time is killed and forked again.
+    """
+    for _ in range(DHT_START_ATTEMPTS):
+        dht = hivemind.DHT(
+            initial_peers=initial_peers or None,
+            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            client_mode=client_mode,
+            start=False,
+        )
+        dht.run_in_background(await_ready=False)
+        try:
+            dht.wait_until_ready(timeout=DHT_START_TIMEOUT)
+            return dht
+        except TimeoutError:
+            dht.kill()
+            dht.join(5)
+    raise SwarmError(f"the DHT node did not start in {DHT_START_ATTEMPTS} attempts of {DHT_START_TIMEOUT:g} s")
 
 
 DHT_TIMEOUT = 20.0
