@@ -12,7 +12,6 @@ from hivemind.utils import get_dht_time
 from tsotsa.checkpoint import Checkpoint, TOKENIZER_FILES
 from tsotsa.codec import DTYPE_NAMES, tensor_bytes
 from tsotsa.dht import find_servers
-from tsotsa.remote import model_config_json
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
@@ -23,7 +22,7 @@ ALLOWED_PREFIXES = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_h
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, checkpoint: Checkpoint, model_id: str, dht: hivemind.DHT) -> None:
         self.checkpoint, self.model_id, self.dht = checkpoint, model_id, dht
-        self.config_json = model_config_json(checkpoint)
+        self.config_json = (checkpoint.directory / "config.json").read_text()
         self.tokenizer_files = [name for name in TOKENIZER_FILES if (checkpoint.directory / name).is_file()]
         self.initial_peers = [str(addr) for addr in dht.get_visible_maddrs()]
         dtypes = {dtype for dtype, _ in checkpoint.specs.values()}

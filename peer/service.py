@@ -118,7 +118,7 @@ class PeerService(pb_grpc.PeerServicer):
         if not 1 <= request.max_length <= limit:
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in 1..{limit}")
         blocks = request.end_block - request.start_block
-        reserved = self.span.cache_bytes(request.batch_size, request.max_length) * blocks // self.span.span.length
+        reserved = self.span.cache_bytes(request.batch_size, request.max_length, blocks)
         session = Session(
             session_id=session_id, start=request.start_block, end=request.end_block, batch_size=request.batch_size,
             max_length=request.max_length, reserved_bytes=reserved, cache=self.span.new_cache(),

@@ -66,7 +66,7 @@ class SessionTable:
             if len(self._sessions) >= self.max_sessions:
                 raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"peer is at its limit of {self.max_sessions} concurrent sessions")
-            used = sum(s.reserved_bytes for s in self._sessions.values())
+            used = self.reserved_bytes
             if used + session.reserved_bytes > self.max_cache_bytes:
                 raise PeerError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

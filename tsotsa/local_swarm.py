@@ -128,9 +128,6 @@ class LocalSwarm:
         self.initial_peers = match.group(3).split()
         return self.coordinator_address
 
-    def add_peer(self, blocks: str | None = None, *args: str, local_model: bool = True) -> LocalPeer:
-        return self.add_peers([blocks], *args, local_model=local_model)[0]
-
     def add_peers(self, spans: list[str | None], *args: str, local_model: bool = True) -> list[LocalPeer]:
         """Starts one peer per span (None: the peer picks), all at once, and waits until all serve."""
         return self.wait_for_peers([self.start_peer(blocks, *args, local_model=local_model) for blocks in spans])

@@ -8,7 +8,6 @@ partial Hugging Face checkpoint, so it is read back with the same `Checkpoint` c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -136,6 +135,3 @@ def cached_checkpoint(
             _write_atomically(target, lambda p: save_file(tensors, str(p)))
     return Checkpoint.open(directory)
 
-
-def model_config_json(checkpoint: Checkpoint) -> str:
-    return json.dumps(json.loads((checkpoint.directory / "config.json").read_text()))

@@ -101,11 +101,12 @@ class BlockSpan(nn.Module):
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
-    def cache_bytes(self, batch_size: int, max_length: int) -> int:
-        """Bytes of keys and values that `max_length` tokens of `batch_size` sequences take in the span."""
+    def cache_bytes(self, batch_size: int, max_length: int, blocks: int | None = None) -> int:
+        """Bytes of keys and values that `max_length` tokens of `batch_size` sequences take in `blocks` of the
+        span's blocks (default: all of them)."""
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
         per_token = 2 * self.config.num_key_value_heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
-        return self.span.length * batch_size * max_length * per_token
+        return (blocks or self.span.length) * batch_size * max_length * per_token
 
     @torch.inference_mode()
     def forward(
