@@ -109,4 +109,6 @@ async def _store(_dht: hivemind.DHT, node, *, keys: list[str], subkey: str, valu
 
 
 async def _get_many(_dht: hivemind.DHT, node, *, keys: list[str]) -> dict:
-    return await node.get_many(keys, num_workers=8)
+    # latest: search past the first node holding the key. Peers' records for one block may sit on different
+    # nodes, and the first answer can lack a peer (seen: a replica missing, so "no route" during recovery).
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"), num_workers=8)
