@@ -24,9 +24,412 @@ def up(
     dht_port: int = typer.Option(0, help="DHT port (0 picks a free one)."),
     token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
                               help="Swarm token (or TSOTSA_TOKEN): calls without it are refused."),
+    admin_token: str = typer.Option(None, envvar="TSOTSA_ADMIN_TOKEN", show_default=False,
+                                    help="Admin token (or TSOTSA_ADMIN_TOKEN) that launching and stopping "
+                                         "fine-tuning runs needs; without one, no run can be launched."),
+    state_dir: Path = typer.Option(None, help="Where runs' data and adapters go (default ~/.local/share/tsotsa)."),
+    db: Path = typer.Option(None, help="The runs' SQLite database (default STATE_DIR/coordinator.sqlite)."),
 ) -> None:
-    """Serve MODEL to the swarm until SIGTERM or Ctrl-C."""
-    from tsotsa.coordinator.server import serve_coordinator
+    """Serve MODEL to the swarm until SIGTERM or Ctrl-C; runs left unfinished by a restart resume."""
+    from tsotsa.coordinator.server import CoordinatorOptions, serve_coordinator
 
-    run_command(lambda: serve_coordinator(model, host, port, dht_port, announce=lambda line: print(line, flush=True),
-                                          token=token))
+    options = CoordinatorOptions(model_dir=model, host=host, port=port, dht_port=dht_port, token=token,
+                                 admin_token=admin_token, state_dir=state_dir, db=db)
+    run_command(lambda: serve_coordinator(options, announce=lambda line: print(line, flush=True)))
+
+
+# ------------------------------------------------------------------ fine-tuning runs
+# Everything heavy (gRPC, rich, torch) is imported inside the commands, so that --help stays fast.
+
+FINAL_STATES = ("finished", "failed", "stopped")
+_COORDINATOR_HELP = "Coordinator HOST:PORT."
+_TOKEN_HELP = "Swarm token (or TSOTSA_TOKEN); every call carries it."
+_ADMIN_HELP = "The coordinator's admin token (or TSOTSA_ADMIN_TOKEN), which launching and stopping runs needs."
+
+
+def _loss(value: float) -> str:
+    """A loss in the lines scripts read: always a float Python parses ("nan" when unknown)."""
+    return f"{value:.4f}"
+
+
+def _cell(value: float, digits: int = 4) -> str:
+    """A number in a table: "-" when unknown."""
+    return "-" if value != value else f"{value:.{digits}f}"
+
+
+def _finite(value: float) -> float | None:
+    return None if value != value else value
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return str(count)
+
+
+def _short_peers(peer_ids) -> str:
+    return ",".join(peer_id[-8:] for peer_id in peer_ids) or "-"
+
+
+def _short_participant(entry: str) -> str:
+    """ "peer_id start:end samples" with the peer id shortened to its last 8 characters (libp2p ids share their first ones)."""
+    peer_id, _, rest = entry.partition(" ")
+    return f"{peer_id[-8:]} {rest}".strip()
+
+
+def _config(info) -> dict:
+    import json
+
+    try:
+        config = json.loads(info.config_json) if info.config_json else {}
+    except ValueError:
+        return {"config_json": info.config_json}
+    return config if isinstance(config, dict) else {"config": config}
+
+
+def _rounds_total(info) -> int | None:
+    total = _config(info).get("rounds")
+    return total if isinstance(total, int) else None
+
+
+def _last_done(info):
+    done = [r for r in info.rounds if r.state == "done"]
+    return max(done, key=lambda r: r.round) if done else None
+
+
+def _round_json(round_info) -> dict:
+    return {"round": round_info.round, "state": round_info.state, "train_loss": _finite(round_info.train_loss),
+            "eval_loss": _finite(round_info.eval_loss), "samples": round_info.samples, "tokens": round_info.tokens,
+            "tokens_per_s": _finite(round_info.tokens_per_s), "wire_bytes": round_info.wire_bytes,
+            "peers": list(round_info.peers), "checkpoint": round_info.checkpoint}
+
+
+def _state_line(name: str, state: str, message: str) -> str:
+    return f"run {name}: {state} — {message}" if message else f"run {name}: {state}"
+
+
+def _follow(client, name: str, rounds_total: int | None) -> None:
+    """Prints the run's progress until it ends: a progress bar per round on a terminal, a plain line per event
+    otherwise. Ctrl-C detaches and leaves the run going; a failed run raises (exit status 1)."""
+    import contextlib
+    import sys
+
+    from tsotsa.errors import SwarmError
+
+    live = sys.stdout.isatty()
+    progress = None
+    if live:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                            TextColumn("peers {task.fields[peers]}"), TimeElapsedColumn())
+
+    def emit(line: str) -> None:
+        if progress is not None:
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(line, flush=True)
+
+    tasks: dict[int, object] = {}  # round -> its progress bar
+    totals: dict[int, int] = {}  # round -> steps it takes
+    of_total = f"/{rounds_total}" if rounds_total else ""
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            for event in client.watch(name):
+                if event.kind == "step":
+                    if progress is None:
+                        emit(f"round {event.round + 1} step {event.steps_done}/{event.steps_total} "
+                             f"loss {_loss(event.loss)} tok/s {event.tokens_per_s:.1f} "
+                             f"peers {_short_peers(event.peers)}")
+                        continue
+                    fields = {"loss": _cell(event.loss), "tps": f"{event.tokens_per_s:.1f}",
+                              "peers": _short_peers(event.peers)}
+                    if event.round not in tasks:
+                        tasks[event.round] = progress.add_task(f"round {event.round + 1}{of_total}",
+                                                               total=event.steps_total or None, **fields)
+                    totals[event.round] = event.steps_total
+                    progress.update(tasks[event.round], completed=event.steps_done,
+                                    total=event.steps_total or None, **fields)
+                elif event.kind == "round":
+                    train_loss, eval_loss, tokens_per_s = event.loss, event.eval_loss, event.tokens_per_s
+                    samples, checkpoint = "?", "?"
+                    try:
+                        record = next((r for r in client.get(name).rounds if r.round == event.round), None)
+                    except SwarmError:
+                        record = None
+                    if record is not None:
+                        train_loss, eval_loss, tokens_per_s = record.train_loss, record.eval_loss, record.tokens_per_s
+                        samples, checkpoint = str(record.samples), record.checkpoint or "-"
+                    if event.round in tasks:
+                        progress.update(tasks[event.round], completed=totals[event.round] or 1,
+                                        total=totals[event.round] or 1)
+                    emit(f"round {event.round + 1}: train loss {_loss(train_loss)}, eval loss {_loss(eval_loss)}, "
+                         f"{samples} samples, {tokens_per_s:.1f} tok/s, checkpoint {checkpoint}")
+                elif event.kind == "state":
+                    emit(_state_line(name, event.state, event.message))
+    except KeyboardInterrupt:
+        print(f"detached; the run goes on: tsotsa-coordinator run {name}", flush=True)
+        return
+    info = client.get(name)
+    if info.state == "failed":
+        raise SwarmError(f"run {name} failed: {info.message or 'no reason given'}")
+    last = _last_done(info)
+    if info.state == "finished":
+        print(f"run {name} finished: {info.rounds_done} rounds" +
+              (f", adapter {last.checkpoint}" if last is not None and last.checkpoint else ""), flush=True)
+    elif info.state == "stopped":
+        print(f"run {name} stopped after {info.rounds_done}{of_total} rounds" +
+              (f"; last adapter {last.checkpoint}" if last is not None and last.checkpoint else ""), flush=True)
+    else:
+        raise SwarmError(f"the coordinator stopped reporting on run {name} while it is {info.state}; "
+                         f"see it with: tsotsa-coordinator run {name}")
+
+
+@app.command()
+def finetune(
+    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    data: Path = typer.Option(..., "--data", help="Training data, JSONL: {\"text\"} or {\"prompt\", \"completion\"} "
+                                                  "per line."),
+    eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data (same format), scored each round."),
+    name: str = typer.Option(..., "--name", help="The run's name (unique on the coordinator)."),
+    rounds: int = typer.Option(3, help="Rounds; each ends with an aggregated, evaluated, saved adapter."),
+    steps_per_round: int = typer.Option(10, help="Optimizer steps per round across the swarm."),
+    micro_batch: int = typer.Option(4, help="Samples per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    seq_len: int = typer.Option(256, help="Longest sample in tokens (a longer one is refused)."),
+    lora_r: int = typer.Option(8, help="LoRA rank."),
+    lora_alpha: float = typer.Option(16.0, help="LoRA alpha (the update is scaled by alpha / r)."),
+    lora_dropout: float = typer.Option(0.0, help="LoRA dropout, in [0, 1)."),
+    target_modules: str = typer.Option("q_proj,v_proj", help="Comma-separated Llama linears to adapt: q_proj, "
+                                                             "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    seed: int = typer.Option(0, help="Seed of the LoRA initialisation and the data order."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="Recompute activations in backward to save peer memory."),
+    out: Path = typer.Option(None, "--out", help="Where the coordinator writes the run's adapters (a path on the "
+                                                 "coordinator's machine; default its state directory)."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+    admin_token: str = typer.Option(None, envvar="TSOTSA_ADMIN_TOKEN", show_default=False, help=_ADMIN_HELP),
+    detach: bool = typer.Option(False, "--detach", help="Launch the run and return without following it."),
+) -> None:
+    """Launch a LoRA fine-tuning run on the swarm and follow its progress (Ctrl-C detaches; the run goes on)."""
+
+    def body() -> None:
+        from tsotsa.coordinator.runs_client import RunsClient
+        from tsotsa.training.lora import LLAMA_LINEARS
+        from tsotsa.v1 import tsotsa_pb2 as pb
+
+        for flag, value in (("--rounds", rounds), ("--steps-per-round", steps_per_round),
+                            ("--micro-batch", micro_batch), ("--grad-accum", grad_accum), ("--seq-len", seq_len),
+                            ("--lora-r", lora_r)):
+            if value < 1:
+                raise ValueError(f"{flag} must be a positive integer, not {value}")
+        if not name.strip():
+            raise ValueError("--name must not be empty")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), not {lora_dropout}")
+        if not lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be positive, not {lora_alpha}")
+        if not lr > 0:
+            raise ValueError(f"--lr must be positive, not {lr}")
+        if not weight_decay >= 0:
+            raise ValueError(f"--weight-decay must not be negative, not {weight_decay}")
+        if seed < 0:
+            raise ValueError(f"--seed must not be negative, not {seed}")
+        targets = [m.strip() for m in target_modules.split(",") if m.strip()]
+        unknown = [m for m in targets if m not in LLAMA_LINEARS]
+        if unknown or not targets:
+            raise ValueError(f"--target-modules {','.join(unknown) or '(none)'}: choose from {', '.join(LLAMA_LINEARS)}")
+        if not admin_token:
+            raise ValueError("launching a run needs the coordinator's admin token: give --admin-token "
+                             "(or TSOTSA_ADMIN_TOKEN)")
+        config = pb.RunConfig(rounds=rounds, steps_per_round=steps_per_round, micro_batch=micro_batch,
+                              grad_accum=grad_accum, seq_len=seq_len, lora_r=lora_r, lora_alpha=lora_alpha,
+                              lora_dropout=lora_dropout, target_modules=list(dict.fromkeys(targets)), lr=lr,
+                              weight_decay=weight_decay, seed=seed, gradient_checkpointing=gradient_checkpointing,
+                              out_dir=str(out) if out is not None else "")
+        with RunsClient(coordinator, token=token, admin_token=admin_token) as client:
+            info = client.create(name, config, data, eval_data)
+            print(f"run {info.name} created: {info.state}", flush=True)
+            if detach:
+                print(f"follow it with: tsotsa-coordinator run {info.name} --coordinator {coordinator} --follow",
+                      flush=True)
+                return
+            _follow(client, info.name, rounds)
+
+    run_command(body)
+
+
+@app.command()
+def runs(
+    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line (a list of runs)."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+) -> None:
+    """List the coordinator's fine-tuning runs."""
+
+    def body() -> None:
+        import json
+
+        from tsotsa.coordinator.runs_client import RunsClient
+
+        with RunsClient(coordinator, token=token) as client:
+            infos = client.list()
+        rows = []
+        for info in infos:
+            last = _last_done(info)
+            rows.append({"name": info.name, "state": info.state, "message": info.message,
+                         "rounds_done": info.rounds_done, "rounds_total": _rounds_total(info),
+                         "last_train_loss": _finite(last.train_loss) if last is not None else None,
+                         "last_eval_loss": _finite(last.eval_loss) if last is not None else None})
+        if as_json:
+            print(json.dumps(rows))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{len(rows)} runs on {coordinator}")
+        for column in ("name", "state", "rounds", "train loss", "eval loss", "message"):
+            table.add_column(column, justify="right" if column in ("rounds", "train loss", "eval loss") else "left")
+        for row in rows:
+            table.add_row(row["name"], row["state"], f"{row['rounds_done']}/{row['rounds_total'] or '?'}",
+                          "-" if row["last_train_loss"] is None else f"{row['last_train_loss']:.4f}",
+                          "-" if row["last_eval_loss"] is None else f"{row['last_eval_loss']:.4f}", row["message"])
+        Console().print(table)
+
+    run_command(body)
+
+
+@app.command("run")
+def run_(
+    run: str = typer.Argument(..., help="The run's name."),
+    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+    follow: bool = typer.Option(False, "--follow", help="Then follow its progress until it ends, as finetune does."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+) -> None:
+    """Show a run: its state, its configuration and its rounds."""
+
+    def body() -> None:
+        import json
+
+        from tsotsa.coordinator.runs_client import RunsClient
+
+        with RunsClient(coordinator, token=token) as client:
+            info = client.get(run)
+            config = _config(info)
+            if as_json:
+                print(json.dumps({"name": info.name, "state": info.state, "message": info.message,
+                                  "rounds_done": info.rounds_done, "config": config,
+                                  "rounds": [_round_json(r) for r in info.rounds]}))
+            else:
+                from rich.console import Console
+                from rich.table import Table
+
+                console = Console()
+                total = _rounds_total(info)
+                console.print(f"{_state_line(info.name, info.state, info.message)} "
+                              f"({info.rounds_done}/{total or '?'} rounds done)", markup=False, highlight=False)
+                settings = Table(title="config", show_header=False)
+                settings.add_column("setting")
+                settings.add_column("value")
+                for key, value in config.items():
+                    settings.add_row(str(key), ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+                console.print(settings)
+                table = Table(title="rounds")
+                for column in ("round", "state", "train loss", "eval loss", "samples", "tokens", "tok/s",
+                               "wire", "peers", "checkpoint"):
+                    table.add_column(column, justify="left" if column in ("state", "peers", "checkpoint")
+                                     else "right")
+                for r in sorted(info.rounds, key=lambda r: r.round):
+                    table.add_row(str(r.round), r.state, _cell(r.train_loss), _cell(r.eval_loss), str(r.samples),
+                                  str(r.tokens), _cell(r.tokens_per_s, 1), _size(r.wire_bytes),
+                                  "\n".join(_short_participant(p) for p in r.peers) or "-", r.checkpoint or "-")
+                console.print(table)
+            if follow and info.state not in FINAL_STATES:
+                _follow(client, info.name, _rounds_total(info))
+
+    run_command(body)
+
+
+@app.command()
+def stop(
+    run: str = typer.Argument(..., help="The run's name."),
+    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+    admin_token: str = typer.Option(None, envvar="TSOTSA_ADMIN_TOKEN", show_default=False, help=_ADMIN_HELP),
+) -> None:
+    """Stop a run; the rounds it finished, and their adapters, stay."""
+
+    def body() -> None:
+        from tsotsa.coordinator.runs_client import RunsClient
+
+        if not admin_token:
+            raise ValueError("stopping a run needs the coordinator's admin token: give --admin-token "
+                             "(or TSOTSA_ADMIN_TOKEN)")
+        with RunsClient(coordinator, token=token, admin_token=admin_token) as client:
+            info = client.stop(run)
+        print(_state_line(info.name or run, info.state, info.message))
+
+    run_command(body)
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="The run's name."),
+    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    out: Path = typer.Option(None, "--out", help="Where to write the adapter (or, with --merge, the merged model)."),
+    merge: bool = typer.Option(False, "--merge", help="Fold the adapter into the base model: a plain Llama "
+                                                      "checkpoint that needs no PEFT."),
+    base: Path = typer.Option(None, "--base", help="The base model's checkpoint directory (for --merge)."),
+    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+) -> None:
+    """Export the adapter of a run's last finished round, as a PEFT adapter or merged into the base model.
+
+    It reads the coordinator's files, so it runs where they are; it prints the path it wrote.
+    """
+
+    def body() -> None:
+        import shutil
+
+        from tsotsa.coordinator.runs_client import RunsClient
+        from tsotsa.errors import SwarmError, TsotsaError
+
+        if merge and base is None:
+            raise ValueError("--merge needs --base (the base model's checkpoint directory)")
+        if merge and not base.is_dir():
+            raise ValueError(f"--base {base} is not a directory")
+        if not merge and out is None:
+            raise ValueError("give --out DIR to copy the adapter into (or --merge with --base)")
+        with RunsClient(coordinator, token=token) as client:
+            info = client.get(run)
+        done = [r for r in info.rounds if r.state == "done" and r.checkpoint]
+        if not done:
+            raise SwarmError(f"run {run} has no finished round with an adapter yet ({info.state})")
+        last = max(done, key=lambda r: r.round)
+        checkpoint = Path(last.checkpoint)
+        if not checkpoint.is_dir():
+            raise SwarmError(f"the adapter of run {run}'s round {last.round}, {checkpoint}, is not on this machine "
+                             f"(export where the coordinator's files are)")
+        target = out if out is not None else Path(f"{checkpoint}-merged")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ValueError(f"{target} already exists and is not empty; choose another --out")
+        if merge:
+            from tsotsa.training.export import merge_adapter
+
+            path = merge_adapter(base, checkpoint, target)
+        else:
+            from tsotsa.training.export import read_adapter
+
+            read_adapter(checkpoint)  # a one-line error for a broken adapter rather than a copy of it
+            try:
+                path = Path(shutil.copytree(checkpoint, target, dirs_exist_ok=True))
+            except (OSError, shutil.Error) as error:
+                raise TsotsaError(f"cannot copy {checkpoint} to {target}: {error}") from None
+        print(path)
+
+    run_command(body)

@@ -1,27 +1,41 @@
-"""The coordinator's gRPC service: the model's identity, the swarm map, and the checkpoint's tensors."""
+"""The coordinator's gRPC service: the model's identity, the swarm map, the checkpoint's tensors, and the
+fine-tuning runs (launch, watch, list, stop, adapters)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import hivemind
 from hivemind.utils import get_dht_time
 
+from tsotsa.auth import admin_refusal
 from tsotsa.checkpoint import Checkpoint, TOKENIZER_FILES
-from tsotsa.codec import DTYPE_NAMES, tensor_bytes
+from tsotsa.codec import DTYPE_NAMES, encode, tensor_bytes
 from tsotsa.dht import find_servers
+from tsotsa.errors import TsotsaError
+from tsotsa.training.aggregate import blocks_of
+from tsotsa.training.export import read_adapter
+from tsotsa.training.lora import LoraSettings, OptimizerSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+from tsotsa.coordinator.runs import RunManager
+from tsotsa.coordinator.store import RunRecord
+from tsotsa.coordinator.trainer import RunSpec
 
 CHUNK_BYTES = 1 << 20
 ALLOWED_PREFIXES = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, checkpoint: Checkpoint, model_id: str, dht: hivemind.DHT) -> None:
-        self.checkpoint, self.model_id, self.dht = checkpoint, model_id, dht
+    def __init__(self, checkpoint: Checkpoint, model_id: str, dht: hivemind.DHT, runs: RunManager | None = None,
+                 admin_token: str | None = None) -> None:
+        self.checkpoint, self.model_id, self.dht, self.runs = checkpoint, model_id, dht, runs
+        self.admin_token = admin_token
         self.config_json = (checkpoint.directory / "config.json").read_text()
         self.tokenizer_files = [name for name in TOKENIZER_FILES if (checkpoint.directory / name).is_file()]
         self.initial_peers = [str(addr) for addr in dht.get_visible_maddrs()]
@@ -68,6 +82,100 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                shape=list(tensor.shape))
         for name in request.file_names:
             yield from _chunks(name, (self.checkpoint.directory / name).read_bytes(), is_file=True)
+
+
+    # ------------------------------------------------------------------ runs
+
+    def CreateRun(self, request: pb.CreateRunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
+        self._require_admin(context)
+        try:
+            fields = run_fields(request.config)
+            record = self.runs.create(request.name, fields, request.train_name, request.train_data,
+                                      request.eval_name, request.eval_data)
+        except (TsotsaError, ValueError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return self._run_info(record)
+
+    def StopRun(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
+        self._require_admin(context)
+        return self._run_info(self._known_run(request.name, context, self.runs.stop))
+
+    def GetRun(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
+        return self._run_info(self._known_run(request.name, context, self.runs.get))
+
+    def ListRuns(self, request: pb.ListRunsRequest, context: grpc.ServicerContext) -> pb.RunList:
+        return pb.RunList(runs=[self._run_info(record) for record in self.runs.store.list_runs()])
+
+    def WatchRun(self, request: pb.RunRequest, context: grpc.ServicerContext) -> Iterator[pb.RunEvent]:
+        self._known_run(request.name, context, self.runs.get)
+        for event in self.runs.watch(request.name):
+            if not context.is_active():
+                return
+            yield event
+
+    def GetAdapter(self, request: pb.AdapterRequest, context: grpc.ServicerContext) -> pb.AdapterTensors:
+        """The run's latest aggregated adapter for blocks [start, end) (all blocks when end is 0)."""
+        self._known_run(request.run, context, self.runs.get)
+        checkpoint = self.runs.store.last_checkpoint(request.run)
+        if not checkpoint:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run!r} has no completed round yet")
+        tensors, lora = read_adapter(Path(checkpoint))
+        end = request.end_block or self.checkpoint.config.num_hidden_layers
+        spec = pb.LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules))
+        return pb.AdapterTensors(run=request.run, lora=spec, tensors=[
+            pb.NamedTensor(name=key, tensor=encode(tensor))
+            for key, tensor in sorted(blocks_of(tensors, request.start_block, end).items())])
+
+    def _require_admin(self, context: grpc.ServicerContext) -> None:
+        if self.runs is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this coordinator does not run fine-tuning")
+        refusal = admin_refusal(self.admin_token, context)
+        if refusal is not None:
+            context.abort(*refusal)
+
+    def _known_run(self, name: str, context: grpc.ServicerContext, action) -> RunRecord:
+        if self.runs is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this coordinator does not run fine-tuning")
+        try:
+            return action(name)
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no run named {name[:80]!r}")
+
+    def _run_info(self, record: RunRecord) -> pb.RunInfo:
+        store = self.runs.store
+        rounds = [
+            pb.RoundInfo(
+                round=r.round, state=r.state, train_loss=_or_nan(r.train_loss), eval_loss=_or_nan(r.eval_loss),
+                samples=r.samples, tokens=r.tokens, tokens_per_s=_or_nan(r.tokens_per_s), checkpoint=r.checkpoint or "",
+                wire_bytes=r.wire_bytes,
+                peers=[f"{p.peer_id} {p.start}:{p.end} {p.samples}" for p in store.participants(record.name, r.round)],
+            )
+            for r in store.rounds(record.name)
+        ]
+        return pb.RunInfo(name=record.name, state=record.state, message=record.message,
+                          config_json=json.dumps(record.config), rounds_done=record.rounds_done, rounds=rounds)
+
+
+def run_fields(config: pb.RunConfig) -> dict:
+    """A RunSpec's settings from the request: zero means the default; anything out of range is a ValueError."""
+    defaults = RunSpec(name="", train_file="", eval_file=None, out_dir="")
+    fields = {name: getattr(config, name) or getattr(defaults, name)
+              for name in ("rounds", "steps_per_round", "micro_batch", "grad_accum", "seq_len")}
+    too_small = [name for name, value in fields.items() if value < 1]
+    if too_small:
+        raise ValueError(f"{', '.join(too_small)} must be at least 1")
+    lora = LoraSettings(r=config.lora_r or defaults.lora.r, alpha=config.lora_alpha or defaults.lora.alpha,
+                        dropout=config.lora_dropout, seed=config.seed,
+                        target_modules=tuple(config.target_modules) or defaults.lora.target_modules)
+    if config.lr < 0 or config.weight_decay < 0:
+        raise ValueError("lr and weight decay must not be negative")
+    optimizer = OptimizerSettings(lr=config.lr or defaults.optimizer.lr, weight_decay=config.weight_decay)
+    return {**fields, "lora": lora, "optimizer": optimizer, "gradient_checkpointing": config.gradient_checkpointing,
+            "out_dir": config.out_dir or None}
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _chunks(name: str, data: bytes, *, is_file: bool, dtype: str = "", shape: list[int] | None = None

@@ -139,14 +139,25 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
         record.state = "online"
         announce(dht, info.model_id, record, options.record_ttl)
 
-        stop = threading.Event()
+        stop, wake = threading.Event(), threading.Event()  # wake: a signal, or adapters to announce now
+
+        def on_signal(*_) -> None:
+            stop.set()
+            wake.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+            signal.signal(signum, on_signal)
+        service.adapters.on_change = wake.set
         maddrs = " ".join(str(addr) for addr in dht.get_visible_maddrs())
         say(f"serving blocks {spec} of {info.model_id} at {record.address} as {peer_id} "
             f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device}); DHT {maddrs}")
-        while not stop.wait(options.heartbeat):
+        while True:
+            wake.wait(options.heartbeat)
+            wake.clear()
+            if stop.is_set():
+                break
             try:
+                record.adapters = service.adapters.names
                 announce(dht, info.model_id, record, options.record_ttl)
             except Exception as error:  # a missed heartbeat is retried at the next one
                 logger.warning("heartbeat failed: %s", error)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import torch
@@ -21,12 +22,16 @@ from tsotsa.codec import FLOAT_DTYPES, WireError, decode, encode
 from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.errors import PeerError
 from tsotsa.peer.sessions import Session, SessionTable
+from tsotsa.peer.training import TrainingRun
+from tsotsa.peer.training_rpcs import TrainingRpcs, refusals
 
 logger = logging.getLogger(__name__)
 INDEX_DTYPES = ("int64", "int32")
 MASK_DTYPES = ("int64", "int32", "bool")
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,7 +42,7 @@ class PeerLimits:
     session_timeout: float = 300.0
 
 
-class PeerService(pb_grpc.PeerServicer):
+class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
     def __init__(self, span: BlockSpan, model_id: str, num_model_blocks: int, limits: PeerLimits,
                  info: Callable[[], pb.PeerInfo]) -> None:
         self.span, self.model_id, self.limits, self._info = span, model_id, limits, info
@@ -45,6 +50,8 @@ class PeerService(pb_grpc.PeerServicer):
         self.config = span.config
         self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout)
         self.accepting = True
+        self.adapters = Adapters(span)
+        self.runs: dict[str, TrainingRun] = {}
         self._runtime = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
 
     # ------------------------------------------------------------------ RPCs
@@ -52,24 +59,20 @@ class PeerService(pb_grpc.PeerServicer):
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.PeerInfo:
         return self._info()
 
+    @refusals("forward")
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
-        try:
-            self._check_model_and_blocks(request.model_id, request.start_block, request.end_block)
-            hidden = self._decode_hidden(request.hidden_states)
-            batch, length = hidden.shape[:2]
-            if batch * length > self.limits.max_forward_tokens:
-                raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{batch * length} tokens exceed this peer's limit of "
-                                f"{self.limits.max_forward_tokens} per Forward")
-            mask = self._decode_mask(request, batch, length)
-            positions = self._decode_positions(request, batch, length, mask)
-            output = self._compute(hidden, mask, positions, None, request.start_block, request.end_block)
-            return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
-        except PeerError as error:
-            context.abort(error.code, error.message)
-        except Exception as error:  # a bug must not take the peer down: report it, keep serving
-            logger.exception("Forward failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"forward failed: {error}")
+        self._check_model_and_blocks(request.model_id, request.start_block, request.end_block)
+        self._check_adapter(request.adapter)
+        hidden = self._decode_hidden(request.hidden_states)
+        batch, length = hidden.shape[:2]
+        if batch * length > self.limits.max_forward_tokens:
+            raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{batch * length} tokens exceed this peer's limit of "
+                            f"{self.limits.max_forward_tokens} per Forward")
+        mask = self._decode_mask(request, batch, length)
+        positions = self._decode_positions(request, batch, length, mask)
+        output = self._compute(request.adapter, hidden, mask, positions, None, request.start_block, request.end_block)
+        return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
 
     def Inference(self, requests: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
                   ) -> Iterator[pb.InferenceResponse]:
@@ -104,14 +107,28 @@ class PeerService(pb_grpc.PeerServicer):
 
     # --------------------------------------------------------------- helpers
 
-    def _compute(self, hidden: torch.Tensor, *args) -> torch.Tensor:
-        """Runs the span on the runtime thread; the output comes back on the CPU, in the input's dtype."""
-        return self._runtime.submit(lambda: self.span(hidden, *args).to("cpu", hidden.dtype)).result()
+    def _on_runtime(self, work: Callable[[], T]) -> T:
+        return self._runtime.submit(work).result()
+
+    def _compute(self, adapter: str, hidden: torch.Tensor, *args) -> torch.Tensor:
+        """Runs the span with `adapter` (empty: none) on the runtime thread; the output comes back on the CPU,
+        in the input's dtype."""
+
+        def run() -> torch.Tensor:
+            self.adapters.activate(adapter or None)
+            return self.span(hidden, *args).to("cpu", hidden.dtype)
+
+        return self._on_runtime(run)
+
+    def _check_adapter(self, name: str) -> None:
+        if name and name not in self.adapters:
+            raise PeerError(grpc.StatusCode.NOT_FOUND, f"adapter {name[:80]!r} is not loaded on this peer")
 
     def _open(self, session_id: str, request: pb.OpenSession) -> Session:
         if not self.accepting:
             raise PeerError(grpc.StatusCode.UNAVAILABLE, "peer is draining and takes no new sessions")
         self._check_model_and_blocks(request.model_id, request.start_block, request.end_block)
+        self._check_adapter(request.adapter)
         if request.batch_size < 1:
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be at least 1")
         limit = self.config.max_position_embeddings
@@ -122,7 +139,7 @@ class PeerService(pb_grpc.PeerServicer):
         session = Session(
             session_id=session_id, start=request.start_block, end=request.end_block, batch_size=request.batch_size,
             max_length=request.max_length, reserved_bytes=reserved, cache=self.span.new_cache(),
-            attention_mask=torch.zeros(request.batch_size, 0, dtype=torch.long),
+            attention_mask=torch.zeros(request.batch_size, 0, dtype=torch.long), adapter=request.adapter,
         )
         self.sessions.open(session)
         return session
@@ -144,7 +161,7 @@ class PeerService(pb_grpc.PeerServicer):
             positions = self._decode_positions(step, batch, length, new_mask)
         else:
             positions = position_ids_from_mask(mask)[:, -length:]
-        output = self._compute(hidden, mask, positions, cache, session.start, session.end)
+        output = self._compute(session.adapter, hidden, mask, positions, cache, session.start, session.end)
         session.attention_mask = mask
         return encode(output, hidden.dtype)
 

@@ -34,6 +34,7 @@ class Session:
     reserved_bytes: int
     cache: DynamicCache | None                    # None once the session expired
     attention_mask: torch.Tensor                  # [batch, tokens seen so far]
+    adapter: str = ""                             # the adapter the session applies ("" for the base model)
     last_used: float = field(default_factory=time.monotonic)
 
     @property

@@ -41,9 +41,9 @@ def cli(name: str) -> list[str]:
 
 
 def start_swarm(model_dir: Path, spans: list[str | None], *peer_args: str, cache_dir: Path | None = None,
-                local_model: bool = True) -> LocalSwarm:
-    """A coordinator and one peer per span; the caller stops it (use `running_swarm`)."""
-    swarm = LocalSwarm(model_dir, cache_dir=cache_dir)
+                local_model: bool = True, admin_token: str | None = None) -> LocalSwarm:
+    """A coordinator and one peer per span; the caller stops it."""
+    swarm = LocalSwarm(model_dir, cache_dir=cache_dir, admin_token=admin_token)
     try:
         swarm.start_coordinator()
         if spans:

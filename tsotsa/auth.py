@@ -69,3 +69,18 @@ class _Details(grpc.ClientCallDetails):
 def with_token(channel: grpc.Channel, token: str | None) -> grpc.Channel:
     """`channel`, sending the swarm token with every call when one is set."""
     return grpc.intercept_channel(channel, _AddToken(token)) if token else channel
+
+
+ADMIN_METADATA = "x-tsotsa-admin"
+
+
+def admin_refusal(expected: str | None, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+    """Why a call that launches or stops runs is refused, or None when it carries the admin token. The admin
+    token is separate from the swarm token: admitted machines may serve and query, not train."""
+    if not expected:
+        return grpc.StatusCode.FAILED_PRECONDITION, ("this coordinator has no admin token: start it with "
+                                                     "--admin-token (or TSOTSA_ADMIN_TOKEN) to launch runs")
+    presented = dict(context.invocation_metadata() or ()).get(ADMIN_METADATA, "")
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        return grpc.StatusCode.PERMISSION_DENIED, "missing or wrong admin token"
+    return None

@@ -46,19 +46,21 @@ DHT_START_TIMEOUT = 45.0
 DHT_START_ATTEMPTS = 3
 
 
-def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False
-              ) -> hivemind.DHT:
+def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False,
+              identity_path: str | None = None) -> hivemind.DHT:
     """Starts a hivemind DHT node (a forked child with its p2p daemon) bootstrapped from `initial_peers`.
 
     hivemind forks the calling process; when that process already runs threads (gRPC's, torch's), the
     child can deadlock at random before it is ready (seen here: stuck spawning p2pd). A child not ready in
-    time is killed and forked again.
+    time is killed and forked again. `identity_path` keeps the node's peer id across restarts (the
+    coordinator's: peers' routing tables still point at it when it comes back on the same port).
     """
     for _ in range(DHT_START_ATTEMPTS):
         dht = hivemind.DHT(
             initial_peers=initial_peers or None,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             client_mode=client_mode,
+            identity_path=identity_path,
             start=False,
         )
         dht.run_in_background(await_ready=False)

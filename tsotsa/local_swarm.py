@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -113,20 +115,37 @@ class LocalSwarm:
     cache_dir: Path | None = None
     threads: int = 1
     token: str | None = None  # given to every process as TSOTSA_TOKEN (not on the command line: ps shows that)
+    admin_token: str | None = None  # given to the coordinator as TSOTSA_ADMIN_TOKEN
+    state_dir: Path | None = None  # the coordinator's (runs, SQLite, DHT identity); default: a fresh temp dir
     coordinator_address: str = ""
     model_id: str = ""
     initial_peers: list[str] = field(default_factory=list)
     peers: list[LocalPeer] = field(default_factory=list)
     coordinator: ManagedProcess | None = None
     _starting: list[ManagedProcess] = field(default_factory=list)
+    _own_state_dir: Path | None = None
 
     def start_coordinator(self) -> str:
+        """Starts the coordinator; after `kill_coordinator`, a new one on the same ports and state."""
+        if self.state_dir is None:
+            self.state_dir = self._own_state_dir = Path(tempfile.mkdtemp(prefix="tsotsa-coordinator-"))
+        port, dht_port = "0", "0"
+        if self.coordinator_address:
+            port = self.coordinator_address.rsplit(":", 1)[1]
+            dht_port = re.search(r"/tcp/(\d+)/", self.initial_peers[0]).group(1)
+        env = {**self._env(), **({"TSOTSA_ADMIN_TOKEN": self.admin_token} if self.admin_token else {})}
         self.coordinator = ManagedProcess("coordinator", [
-            *COORDINATOR_COMMAND, "up", "--model", str(self.model_dir), "--port", "0"], self._env())
+            *COORDINATOR_COMMAND, "up", "--model", str(self.model_dir), "--port", port, "--dht-port", dht_port,
+            "--state-dir", str(self.state_dir)], env)
         match = self.coordinator.wait_for(COORDINATOR_READY)
         self.model_id, self.coordinator_address = match.group(1), match.group(2)
         self.initial_peers = match.group(3).split()
         return self.coordinator_address
+
+    def kill_coordinator(self) -> None:
+        """SIGKILL, as a crash or a pulled plug would: no clean shutdown."""
+        self.coordinator.kill()
+        self.coordinator = None
 
     def add_peers(self, spans: list[str | None], *args: str, local_model: bool = True) -> list[LocalPeer]:
         """Starts one peer per span (None: the peer picks), all at once, and waits until all serve."""
@@ -163,6 +182,11 @@ class LocalSwarm:
         self.peers.extend(started)
         return started
 
+    def kill_peer(self, peer: LocalPeer) -> None:
+        """SIGKILL: the peer vanishes without draining, as a crashed machine does."""
+        self.peers.remove(peer)
+        peer.process.kill()
+
     def stop_peer(self, peer: LocalPeer) -> int | None:
         self.peers.remove(peer)
         return peer.process.terminate()
@@ -180,6 +204,8 @@ class LocalSwarm:
         if self.coordinator is not None:
             self.coordinator.terminate()
             self.coordinator = None
+        if self._own_state_dir is not None:
+            shutil.rmtree(self._own_state_dir, ignore_errors=True)
 
     def __enter__(self) -> "LocalSwarm":
         return self

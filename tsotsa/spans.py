@@ -123,6 +123,18 @@ class BlockSpan(nn.Module):
         `attention_mask` is the 2D padding mask of every token seen so far in the session, cached ones
         included ([batch, past + new]); `position_ids` are the new tokens' positions ([batch, new]).
         """
+        return self.run_blocks(hidden_states, attention_mask, position_ids, cache, start, end)
+
+    def run_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None = None,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """`forward` without inference mode: training runs this with autograd recording."""
         start = self.span.start if start is None else start
         end = self.span.end if end is None else end
         first, last = start - self.span.start, end - self.span.start

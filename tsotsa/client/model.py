@@ -14,10 +14,8 @@ from pathlib import Path
 import grpc
 import hivemind
 import torch
-from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint
 from tsotsa.client.session import InferenceSession
@@ -25,6 +23,7 @@ from tsotsa.client.swarm import Swarm
 from tsotsa.codec import decode, encode
 from tsotsa.dht import start_dht
 from tsotsa.errors import SwarmError
+from tsotsa.head import ModelHead
 from tsotsa.remote import CoordinatorClient, cached_checkpoint, default_cache_dir, describe_rpc_error
 from tsotsa.spans import position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -39,16 +38,9 @@ class SwarmModel:
         self.config, self.model_id, self.tokenizer, self.dht = config, model_id, tokenizer, dht
         self.device = torch.device(device)
         self.swarm = Swarm(dht, model_id, config.num_hidden_layers, token=token)
-        embed = head["model.embed_tokens.weight"]
-        self.dtype = embed.dtype
+        self.head = ModelHead(config, head, device)
+        self.dtype = self.head.dtype
         self.wire_dtype = wire_dtype or self.dtype
-        self.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm.weight = nn.Parameter(head["model.norm.weight"], requires_grad=False)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head.weight = nn.Parameter(head.get("lm_head.weight", embed), requires_grad=False)
-        for module in (self.embed_tokens, self.norm, self.lm_head):
-            module.to(self.device)
         self.last_generate_stats: dict[str, float] = {}
 
     # ----------------------------------------------------------- construction
@@ -95,24 +87,25 @@ class SwarmModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden.to(self.device, self.dtype)))
+        return self.head.logits(hidden)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids.to(self.device))
+        return self.head.embed(input_ids)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [batch, length, vocab] through stateless Forward calls along one route."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, adapter: str | None = None
+                ) -> torch.Tensor:
+        """Logits [batch, length, vocab] through stateless Forward calls along one route (with a run's adapter)."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         hidden = self.embed(input_ids)
         positions = position_ids_from_mask(mask)
         banned: set[str] = set()
         block = 0
         while block < self.config.num_hidden_layers:
-            hop = self.swarm.route(block, exclude=frozenset(banned))[0]
+            hop = self.swarm.route(block, exclude=frozenset(banned), adapter=adapter or "")[0]
             request = pb.ForwardRequest(model_id=self.model_id, start_block=hop.start, end_block=hop.end,
                                         hidden_states=encode(hidden, self.wire_dtype), attention_mask=encode(mask),
-                                        position_ids=encode(positions))
+                                        position_ids=encode(positions), adapter=adapter or "")
             try:
                 reply = self.swarm.stub(hop.server.address).Forward(request, timeout=self.swarm.step_timeout)
             except grpc.RpcError as error:
@@ -124,8 +117,8 @@ class SwarmModel:
             block = hop.end
         return self.logits(hidden)
 
-    def inference_session(self, batch_size: int, max_length: int) -> InferenceSession:
-        return InferenceSession(self.swarm, batch_size, max_length, self.wire_dtype)
+    def inference_session(self, batch_size: int, max_length: int, adapter: str | None = None) -> InferenceSession:
+        return InferenceSession(self.swarm, batch_size, max_length, self.wire_dtype, adapter or "")
 
     @torch.inference_mode()
     def generate(
@@ -142,8 +135,10 @@ class SwarmModel:
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         on_tokens: TokenCallback | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
-        """Returns prompt + new tokens [batch, prompt_length + generated], padded like transformers."""
+        """Returns prompt + new tokens [batch, prompt_length + generated], padded like transformers.
+        `adapter`: a fine-tuning run's name, applied by every peer of the route."""
         if input_ids.ndim == 1:
             input_ids = input_ids.unsqueeze(0)
         batch, prompt_length = input_ids.shape
@@ -155,7 +150,7 @@ class SwarmModel:
         unfinished = torch.ones(batch, dtype=torch.bool)
         began = time.perf_counter()
         first_token_at = None
-        with self.inference_session(batch, prompt_length + max_new_tokens) as session:
+        with self.inference_session(batch, prompt_length + max_new_tokens, adapter) as session:
             positions = position_ids_from_mask(mask)
             hidden = session.step(self.embed(input_ids), mask, positions)
             for produced in range(max_new_tokens):

@@ -48,13 +48,13 @@ class StepInputs:
 class HopStream:
     """A bidirectional Inference stream to one peer, holding that peer's KV cache for blocks [start, end)."""
 
-    def __init__(self, swarm: Swarm, hop: Hop, batch_size: int, max_length: int) -> None:
+    def __init__(self, swarm: Swarm, hop: Hop, batch_size: int, max_length: int, adapter: str = "") -> None:
         self.hop, self.timeout, self._watchdog = hop, swarm.step_timeout, swarm.watchdog
         self.session_id = uuid.uuid4().hex
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = swarm.stub(hop.server.address).Inference(iter(self._requests.get, None))
         opened = pb.OpenSession(model_id=swarm.model_id, start_block=hop.start, end_block=hop.end,
-                                batch_size=batch_size, max_length=max_length)
+                                batch_size=batch_size, max_length=max_length, adapter=adapter)
         self._exchange(pb.InferenceRequest(session_id=self.session_id, open=opened))
 
     def step(self, inputs: StepInputs, wire_dtype: torch.dtype) -> torch.Tensor:
@@ -108,9 +108,11 @@ class _Leg:
 
 
 class InferenceSession:
-    def __init__(self, swarm: Swarm, batch_size: int, max_length: int, wire_dtype: torch.dtype = torch.float32
-                 ) -> None:
+    def __init__(self, swarm: Swarm, batch_size: int, max_length: int, wire_dtype: torch.dtype = torch.float32,
+                 adapter: str = "") -> None:
+        """`adapter`: a run's name; every hop then applies that run's adapter (only peers that loaded it)."""
         self.swarm, self.batch_size, self.max_length, self.wire_dtype = swarm, batch_size, max_length, wire_dtype
+        self.adapter = adapter
         self.banned: set[str] = set()
         self.recoveries = 0
         self.legs: list[_Leg] = self._open_legs(0, swarm.num_blocks, [])
@@ -157,11 +159,11 @@ class InferenceSession:
     def _open_legs(self, start: int, end: int, history: list[StepInputs]) -> list[_Leg]:
         """Opens streams along a route for [start, end) and feeds them `history`, retrying other peers."""
         while True:
-            route = self.swarm.route(start, end, exclude=frozenset(self.banned))
+            route = self.swarm.route(start, end, exclude=frozenset(self.banned), adapter=self.adapter)
             legs: list[_Leg] = []
             try:
                 for hop in route:
-                    legs.append(_Leg(HopStream(self.swarm, hop, self.batch_size, self.max_length)))
+                    legs.append(_Leg(HopStream(self.swarm, hop, self.batch_size, self.max_length, self.adapter)))
                 for past in history:
                     hidden = past.hidden
                     for leg in legs:

@@ -10,6 +10,7 @@ import hivemind
 from tsotsa.client.routing import Hop, plan_route
 from tsotsa.client.watchdog import Watchdog
 from tsotsa.dht import ServerRecord, find_servers
+from tsotsa.errors import SwarmError
 from tsotsa.remote import open_channel
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
@@ -26,8 +27,14 @@ class Swarm:
     def servers(self) -> list[ServerRecord]:
         return list(find_servers(self.dht, self.model_id, self.num_blocks).values())
 
-    def route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset()) -> list[Hop]:
-        return plan_route(self.servers(), start, self.num_blocks if end is None else end, exclude)
+    def route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset(),
+              adapter: str = "") -> list[Hop]:
+        """The best route over [start, end); with `adapter`, only through peers that have it loaded."""
+        servers = [s for s in self.servers() if not adapter or adapter in s.adapters]
+        try:
+            return plan_route(servers, start, self.num_blocks if end is None else end, exclude)
+        except SwarmError as error:
+            raise SwarmError(f"{error} with adapter {adapter!r}") if adapter else error from None
 
     def stub(self, address: str) -> pb_grpc.PeerStub:
         with self._lock:

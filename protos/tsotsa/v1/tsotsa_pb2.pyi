@@ -66,20 +66,22 @@ class PeerInfo(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., throughput: _Optional[float] = ..., open_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache_bytes_used: _Optional[int] = ..., cache_bytes_limit: _Optional[int] = ..., checkpoint_bytes_read: _Optional[int] = ..., parameter_bytes_held: _Optional[int] = ..., checkpoint_bytes_total: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model_id", "start_block", "end_block", "hidden_states", "attention_mask", "position_ids")
+    __slots__ = ("model_id", "start_block", "end_block", "hidden_states", "attention_mask", "position_ids", "adapter")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     start_block: int
     end_block: int
     hidden_states: Tensor
     attention_mask: Tensor
     position_ids: Tensor
-    def __init__(self, model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states",)
@@ -88,18 +90,20 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_id", "start_block", "end_block", "batch_size", "max_length")
+    __slots__ = ("model_id", "start_block", "end_block", "batch_size", "max_length", "adapter")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     start_block: int
     end_block: int
     batch_size: int
     max_length: int
-    def __init__(self, model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
     __slots__ = ("hidden_states", "attention_mask", "position_ids")
@@ -130,6 +134,148 @@ class InferenceResponse(_message.Message):
     hidden_states: Tensor
     cache_length: int
     def __init__(self, session_id: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+
+class LoraSpec(_message.Message):
+    __slots__ = ("r", "alpha", "dropout", "target_modules", "seed", "lr", "weight_decay", "beta1", "beta2", "eps", "gradient_checkpointing")
+    R_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    gradient_checkpointing: bool
+    def __init__(self, r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class OpenTrainingRequest(_message.Message):
+    __slots__ = ("model_id", "run", "lora")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    run: str
+    lora: LoraSpec
+    def __init__(self, model_id: _Optional[str] = ..., run: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ...) -> None: ...
+
+class TrainingState(_message.Message):
+    __slots__ = ("run", "start_block", "end_block", "trainable_parameters", "steps", "samples", "pending")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    start_block: int
+    end_block: int
+    trainable_parameters: int
+    steps: int
+    samples: int
+    pending: int
+    def __init__(self, run: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
+
+class TrainForwardRequest(_message.Message):
+    __slots__ = ("run", "micro_batch", "hidden_states", "attention_mask")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    micro_batch: str
+    hidden_states: Tensor
+    attention_mask: Tensor
+    def __init__(self, run: _Optional[str] = ..., micro_batch: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TrainBackwardRequest(_message.Message):
+    __slots__ = ("run", "micro_batch", "grad_output", "want_grad_input")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    WANT_GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    micro_batch: str
+    grad_output: Tensor
+    want_grad_input: bool
+    def __init__(self, run: _Optional[str] = ..., micro_batch: _Optional[str] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., want_grad_input: _Optional[bool] = ...) -> None: ...
+
+class TrainBackwardResponse(_message.Message):
+    __slots__ = ("grad_input",)
+    GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
+    grad_input: Tensor
+    def __init__(self, grad_input: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("run", "samples", "lr")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    samples: int
+    lr: float
+    def __init__(self, run: _Optional[str] = ..., samples: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+
+class DiscardRequest(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    def __init__(self, run: _Optional[str] = ...) -> None: ...
+
+class GetAdapterRequest(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    def __init__(self, run: _Optional[str] = ...) -> None: ...
+
+class AdapterState(_message.Message):
+    __slots__ = ("state", "tensors")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    state: TrainingState
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, state: _Optional[_Union[TrainingState, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class SetAdapterRequest(_message.Message):
+    __slots__ = ("run", "tensors")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, run: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class CloseTrainingRequest(_message.Message):
+    __slots__ = ("run", "keep")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    keep: bool
+    def __init__(self, run: _Optional[str] = ..., keep: _Optional[bool] = ...) -> None: ...
+
+class CloseTrainingResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -220,3 +366,151 @@ class FetchChunk(_message.Message):
     data: bytes
     sha256: str
     def __init__(self, name: _Optional[str] = ..., is_file: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class RunConfig(_message.Message):
+    __slots__ = ("rounds", "steps_per_round", "micro_batch", "grad_accum", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay", "seed", "gradient_checkpointing", "out_dir")
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    LORA_R_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    OUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    rounds: int
+    steps_per_round: int
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    lr: float
+    weight_decay: float
+    seed: int
+    gradient_checkpointing: bool
+    out_dir: str
+    def __init__(self, rounds: _Optional[int] = ..., steps_per_round: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., seq_len: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., out_dir: _Optional[str] = ...) -> None: ...
+
+class CreateRunRequest(_message.Message):
+    __slots__ = ("name", "config", "train_name", "train_data", "eval_name", "eval_data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_NAME_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_DATA_FIELD_NUMBER: _ClassVar[int]
+    EVAL_NAME_FIELD_NUMBER: _ClassVar[int]
+    EVAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: RunConfig
+    train_name: str
+    train_data: bytes
+    eval_name: str
+    eval_data: bytes
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., train_name: _Optional[str] = ..., train_data: _Optional[bytes] = ..., eval_name: _Optional[str] = ..., eval_data: _Optional[bytes] = ...) -> None: ...
+
+class RoundInfo(_message.Message):
+    __slots__ = ("round", "state", "train_loss", "eval_loss", "samples", "tokens", "tokens_per_s", "checkpoint", "wire_bytes", "peers")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    state: str
+    train_loss: float
+    eval_loss: float
+    samples: int
+    tokens: int
+    tokens_per_s: float
+    checkpoint: str
+    wire_bytes: int
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., checkpoint: _Optional[str] = ..., wire_bytes: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RunInfo(_message.Message):
+    __slots__ = ("name", "state", "message", "config_json", "rounds_done", "rounds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    message: str
+    config_json: str
+    rounds_done: int
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., config_json: _Optional[str] = ..., rounds_done: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...
+
+class RunRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RunList(_message.Message):
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[RunInfo]
+    def __init__(self, runs: _Optional[_Iterable[_Union[RunInfo, _Mapping]]] = ...) -> None: ...
+
+class RunEvent(_message.Message):
+    __slots__ = ("kind", "round", "steps_done", "steps_total", "loss", "tokens_per_s", "peers", "state", "message", "eval_loss")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    round: int
+    steps_done: int
+    steps_total: int
+    loss: float
+    tokens_per_s: float
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    message: str
+    eval_loss: float
+    def __init__(self, kind: _Optional[str] = ..., round: _Optional[int] = ..., steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., peers: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., eval_loss: _Optional[float] = ...) -> None: ...
+
+class AdapterRequest(_message.Message):
+    __slots__ = ("run", "start_block", "end_block")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    start_block: int
+    end_block: int
+    def __init__(self, run: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ...) -> None: ...
+
+class AdapterTensors(_message.Message):
+    __slots__ = ("run", "lora", "tensors")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    lora: LoraSpec
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, run: _Optional[str] = ..., lora: _Optional[_Union[LoraSpec, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...

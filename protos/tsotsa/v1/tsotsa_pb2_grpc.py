@@ -49,6 +49,46 @@ class PeerStub:
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.OpenTraining = channel.unary_unary(
+                '/tsotsa.v1.Peer/OpenTraining',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.OpenTrainingRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+                _registered_method=True)
+        self.TrainForward = channel.unary_unary(
+                '/tsotsa.v1.Peer/TrainForward',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainForwardRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.ForwardResponse.FromString,
+                _registered_method=True)
+        self.TrainBackward = channel.unary_unary(
+                '/tsotsa.v1.Peer/TrainBackward',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainBackwardRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainBackwardResponse.FromString,
+                _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/tsotsa.v1.Peer/Step',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.StepRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+                _registered_method=True)
+        self.Discard = channel.unary_unary(
+                '/tsotsa.v1.Peer/Discard',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.DiscardRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/tsotsa.v1.Peer/GetAdapter',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.GetAdapterRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.AdapterState.FromString,
+                _registered_method=True)
+        self.SetAdapter = channel.unary_unary(
+                '/tsotsa.v1.Peer/SetAdapter',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.SetAdapterRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+                _registered_method=True)
+        self.CloseTraining = channel.unary_unary(
+                '/tsotsa.v1.Peer/CloseTraining',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.CloseTrainingRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.CloseTrainingResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -72,6 +112,54 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenTraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TrainBackward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Discard(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseTraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +177,46 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceRequest.FromString,
                     response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceResponse.SerializeToString,
+            ),
+            'OpenTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenTraining,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.OpenTrainingRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.SerializeToString,
+            ),
+            'TrainForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainForward,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainForwardRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.ForwardResponse.SerializeToString,
+            ),
+            'TrainBackward': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainBackward,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainBackwardRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainBackwardResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.StepRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.SerializeToString,
+            ),
+            'Discard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Discard,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.DiscardRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.GetAdapterRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.AdapterState.SerializeToString,
+            ),
+            'SetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAdapter,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.SetAdapterRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.SerializeToString,
+            ),
+            'CloseTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseTraining,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.CloseTrainingRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.CloseTrainingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +310,222 @@ class Peer:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def OpenTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/OpenTraining',
+            tsotsa_dot_v1_dot_tsotsa__pb2.OpenTrainingRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/TrainForward',
+            tsotsa_dot_v1_dot_tsotsa__pb2.TrainForwardRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainBackward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/TrainBackward',
+            tsotsa_dot_v1_dot_tsotsa__pb2.TrainBackwardRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.TrainBackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/Step',
+            tsotsa_dot_v1_dot_tsotsa__pb2.StepRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Discard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/Discard',
+            tsotsa_dot_v1_dot_tsotsa__pb2.DiscardRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/GetAdapter',
+            tsotsa_dot_v1_dot_tsotsa__pb2.GetAdapterRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.AdapterState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/SetAdapter',
+            tsotsa_dot_v1_dot_tsotsa__pb2.SetAdapterRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.TrainingState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Peer/CloseTraining',
+            tsotsa_dot_v1_dot_tsotsa__pb2.CloseTrainingRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.CloseTrainingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class CoordinatorStub:
     """Missing associated documentation comment in .proto file."""
@@ -207,6 +551,36 @@ class CoordinatorStub:
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchRequest.SerializeToString,
                 response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchChunk.FromString,
                 _registered_method=True)
+        self.CreateRun = channel.unary_unary(
+                '/tsotsa.v1.Coordinator/CreateRun',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.CreateRunRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.StopRun = channel.unary_unary(
+                '/tsotsa.v1.Coordinator/StopRun',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/tsotsa.v1.Coordinator/GetRun',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/tsotsa.v1.Coordinator/ListRuns',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunList.FromString,
+                _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/tsotsa.v1.Coordinator/WatchRun',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunEvent.FromString,
+                _registered_method=True)
+        self.GetAdapter = channel.unary_unary(
+                '/tsotsa.v1.Coordinator/GetAdapter',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.AdapterRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.AdapterTensors.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -230,6 +604,42 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +657,36 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchRequest.FromString,
                     response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchChunk.SerializeToString,
+            ),
+            'CreateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRun,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.CreateRunRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.SerializeToString,
+            ),
+            'StopRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopRun,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.ListRunsRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunList.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.RunEvent.SerializeToString,
+            ),
+            'GetAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAdapter,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.AdapterRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.AdapterTensors.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +770,168 @@ class Coordinator:
             '/tsotsa.v1.Coordinator/Fetch',
             tsotsa_dot_v1_dot_tsotsa__pb2.FetchRequest.SerializeToString,
             tsotsa_dot_v1_dot_tsotsa__pb2.FetchChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Coordinator/CreateRun',
+            tsotsa_dot_v1_dot_tsotsa__pb2.CreateRunRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Coordinator/StopRun',
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Coordinator/GetRun',
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Coordinator/ListRuns',
+            tsotsa_dot_v1_dot_tsotsa__pb2.ListRunsRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tsotsa.v1.Coordinator/WatchRun',
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Coordinator/GetAdapter',
+            tsotsa_dot_v1_dot_tsotsa__pb2.AdapterRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.AdapterTensors.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,107 @@
+"""A client of the coordinator's fine-tuning run RPCs: create, stop, inspect and follow runs.
+
+Every gRPC failure comes back as a `SwarmError` with one readable line: for the errors that describe the
+request itself (bad data, unknown or duplicate run, missing token...) that line is the server's own text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from tsotsa.auth import ADMIN_METADATA
+from tsotsa.errors import SwarmError, TsotsaError
+from tsotsa.remote import describe_rpc_error, open_channel
+from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+
+# Errors about the request whose details the server writes for people: shown as they are.
+_SERVER_WORDED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise TsotsaError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise TsotsaError(f"{what} file {path} is a directory") from None
+    except OSError as error:
+        raise TsotsaError(f"cannot read {what} file {path}: {error.strerror or error}") from None
+
+
+class RunsClient:
+    def __init__(self, address: str, token: str | None = None, admin_token: str | None = None,
+                 timeout: float = 60.0) -> None:
+        self.address, self.timeout = address, timeout
+        self._admin = ((ADMIN_METADATA, admin_token),) if admin_token else None
+        self._channel = open_channel(address, token)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RunsClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _error(self, error: grpc.RpcError) -> SwarmError:
+        code = error.code() if hasattr(error, "code") else None
+        if code in _SERVER_WORDED:
+            details = error.details() if hasattr(error, "details") else None
+            return SwarmError(details or f"coordinator at {self.address}: {code.name}")
+        return describe_rpc_error(self.address, "coordinator", error)
+
+    def create(self, name: str, config: pb.RunConfig, train: Path, eval: Path | None) -> pb.RunInfo:
+        """Launches run NAME on TRAIN (and EVAL) as JSONL files; the files are read before any call."""
+        train_data = _read(train, "training data")
+        eval_data = _read(eval, "evaluation data") if eval is not None else b""
+        request = pb.CreateRunRequest(name=name, config=config, train_name=Path(train).name, train_data=train_data,
+                                      eval_name=Path(eval).name if eval is not None else "", eval_data=eval_data)
+        try:
+            return self._stub.CreateRun(request, timeout=self.timeout, metadata=self._admin)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def stop(self, name: str) -> pb.RunInfo:
+        try:
+            return self._stub.StopRun(pb.RunRequest(name=name), timeout=self.timeout, metadata=self._admin)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def get(self, name: str) -> pb.RunInfo:
+        try:
+            return self._stub.GetRun(pb.RunRequest(name=name), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def list(self) -> list[pb.RunInfo]:
+        try:
+            return list(self._stub.ListRuns(pb.ListRunsRequest(), timeout=self.timeout).runs)
+        except grpc.RpcError as error:
+            raise self._error(error) from None
+
+    def watch(self, name: str) -> Iterator[pb.RunEvent]:
+        """The run's events as they happen, until the run ends; leaving the loop early cancels the stream."""
+        call = None
+        try:
+            call = self._stub.WatchRun(pb.RunRequest(name=name))
+            yield from call
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED and call is not None and call.cancelled():
+                return
+            raise self._error(error) from None
+        finally:
+            if call is not None:
+                call.cancel()

@@ -1,0 +1,427 @@
+"""A fine-tuning run, driven by the coordinator: rounds of micro-batches through pipelines of peers.
+
+Each round deals `steps_per_round` units of `grad_accum` micro-batches to the pipelines. A pipeline runs a
+unit micro-batch by micro-batch: embed here, TrainForward through its peers, head and loss here,
+TrainBackward back through them; then each of its peers steps its own optimizer. A pipeline that loses a
+peer gives its unfinished unit back (its surviving peers forget the unit's gradients), so no sample is lost
+and none is counted twice. At the round's end the replicas' adapters are gathered and aggregated exactly
+(see tsotsa.training.aggregate), pushed to every replica, evaluated and exported in PEFT's format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from tsotsa.client.swarm import Swarm
+from tsotsa.codec import decode, encode
+from tsotsa.dht import ServerRecord
+from tsotsa.errors import SwarmError
+from tsotsa.head import ModelHead
+from tsotsa.training.aggregate import aggregate, blocks_of
+from tsotsa.training.export import initial_adapter, read_adapter, write_adapter
+from tsotsa.training.lora import LoraSettings, OptimizerSettings
+from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.coordinator.data import IGNORE_INDEX, Example, collate, load_examples, micro_batches
+from tsotsa.coordinator.pipelines import Pipeline, form_pipelines, uncovered_blocks
+from tsotsa.coordinator.store import Participant, RunStore
+
+logger = logging.getLogger(__name__)
+WAIT_SECONDS = 2.0
+
+
+@dataclass
+class RunSpec:
+    """A run's settings as stored in SQLite: everything a restarted coordinator needs to resume it."""
+
+    name: str
+    train_file: str
+    eval_file: str | None
+    out_dir: str
+    rounds: int = 3
+    steps_per_round: int = 10
+    micro_batch: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    gradient_checkpointing: bool = False
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lora": self.lora.to_dict(), "optimizer": asdict(self.optimizer)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunSpec":
+        optimizer = dict(data["optimizer"], betas=tuple(data["optimizer"]["betas"]))
+        return cls(**{**data, "lora": LoraSettings.from_dict(data["lora"]),
+                      "optimizer": OptimizerSettings(**optimizer)})
+
+    def lora_spec(self) -> pb.LoraSpec:
+        lora, optimizer = self.lora, self.optimizer
+        return pb.LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules),
+                           seed=lora.seed, lr=optimizer.lr, weight_decay=optimizer.weight_decay,
+                           beta1=optimizer.betas[0], beta2=optimizer.betas[1], eps=optimizer.eps,
+                           gradient_checkpointing=self.gradient_checkpointing)
+
+
+@dataclass
+class BaseModel:
+    """What the coordinator holds of the model for training: its config, ends and tokenizer."""
+
+    model_id: str
+    config: LlamaConfig
+    head: ModelHead
+    tokenizer: object
+    directory: Path
+
+
+class RunStopped(Exception):
+    pass
+
+
+class PipelineBroken(Exception):
+    def __init__(self, peer: ServerRecord, reason: str) -> None:
+        super().__init__(f"peer {peer.peer_id[:12]} at {peer.address} ({peer.start}:{peer.end}): {reason}")
+        self.peer = peer
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """transformers' causal-LM loss: predict token t+1 at t, skip IGNORE_INDEX labels, in float32."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+@dataclass
+class RoundProgress:
+    units_done: int = 0
+    samples: int = 0
+    tokens: int = 0
+    wire_bytes: int = 0
+    losses: list[float] = field(default_factory=list)
+    trained: dict[str, ServerRecord] = field(default_factory=dict)  # peers whose adapters hold this round's work
+    broken: set[str] = field(default_factory=set)  # peers that failed this round: not used again in it
+    began: float = field(default_factory=time.perf_counter)
+
+
+class RunDriver:
+    """Runs one run from its first unfinished round to the end; `stop` ends it between units."""
+
+    def __init__(self, spec: RunSpec, store: RunStore, base: BaseModel, swarm: Swarm,
+                 emit: Callable[[pb.RunEvent], None]) -> None:
+        self.spec, self.store, self.base, self.swarm, self.emit = spec, store, base, swarm, emit
+        self.stop_requested = threading.Event()
+        self.examples: list[Example] = []
+        self.eval_examples: list[Example] = []
+        self.adapter: dict[str, torch.Tensor] = {}
+        self._holds: dict[str, int] = {}  # peer id -> version of the adapter it holds (rounds done)
+        self._lock = threading.Lock()
+        self._leaving = False  # stopping because the coordinator shuts down: the run resumes after restart
+        self._thread: threading.Thread | None = None
+        self.wire_dtype = base.head.dtype
+
+    # ------------------------------------------------------------------- run
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"run-{self.spec.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, *, leaving: bool = False) -> None:
+        """Ends the run between units; `leaving`: only this coordinator goes away, the run stays unfinished."""
+        self._leaving = leaving
+        self.stop_requested.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        name = self.spec.name
+        try:
+            self.examples = load_examples(Path(self.spec.train_file), self.base.tokenizer, self.spec.seq_len)
+            if self.spec.eval_file:
+                self.eval_examples = load_examples(Path(self.spec.eval_file), self.base.tokenizer, self.spec.seq_len)
+            done = self.store.get_run(name).rounds_done
+            last = self.store.last_checkpoint(name)
+            self.adapter = (read_adapter(Path(last))[0] if done and last
+                            else initial_adapter(self.base.config, self.spec.lora))
+            for round_index in range(done, self.spec.rounds):
+                self._set_state("running", f"round {round_index + 1}/{self.spec.rounds}")
+                self._round(round_index)
+            self._close_on_peers()
+            self._set_state("finished", f"{self.spec.rounds} rounds done")
+        except RunStopped:
+            if not self._leaving:
+                self._close_on_peers()
+                self._set_state("stopped", "stopped by request")
+        except Exception as error:  # the run fails; the coordinator goes on serving
+            logger.exception("run %s failed", name)
+            self._set_state("failed", str(error) or type(error).__name__)
+
+    def _round(self, index: int) -> None:
+        spec = self.spec
+        self.store.start_round(spec.name, index)
+        first = index * spec.steps_per_round * spec.grad_accum
+        units = deque(list(range(first + k * spec.grad_accum, first + (k + 1) * spec.grad_accum))
+                      for k in range(spec.steps_per_round))
+        progress = RoundProgress()
+        while units:
+            pipelines = self._pipelines(exclude=progress.broken)
+            self._prepare(pipelines, index)
+            workers = [threading.Thread(target=self._work, args=(pipeline, units, progress, index), daemon=True)
+                       for pipeline in pipelines]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            self._check_stop()
+        elapsed = time.perf_counter() - progress.began
+        replicas = self._gather(progress)
+        self.adapter = aggregate(self.adapter, [(state, samples) for _, state, samples in replicas])
+        checkpoint = self._export(index, replicas)
+        self._push_everywhere(progress, index + 1)
+        eval_loss = self._evaluate(index + 1)
+        train_loss = sum(progress.losses) / len(progress.losses)
+        tokens_per_s = progress.tokens / elapsed if elapsed > 0 else None
+        self.store.finish_round(
+            spec.name, index, train_loss=train_loss, eval_loss=eval_loss, samples=progress.samples,
+            tokens=progress.tokens, tokens_per_s=tokens_per_s, checkpoint=str(checkpoint),
+            wire_bytes=progress.wire_bytes,
+            participants=[Participant(peer.peer_id, peer.address, peer.start, peer.end, samples)
+                          for peer, _, samples in replicas],
+        )
+        self.emit(pb.RunEvent(kind="round", round=index, steps_done=spec.steps_per_round,
+                              steps_total=spec.steps_per_round, loss=train_loss, tokens_per_s=tokens_per_s or 0.0,
+                              eval_loss=math.nan if eval_loss is None else eval_loss,
+                              peers=[peer.peer_id for peer, _, _ in replicas], message=str(checkpoint)))
+
+    # ------------------------------------------------------------- pipelines
+
+    def _pipelines(self, exclude: set[str] = frozenset()) -> list[Pipeline]:
+        """The pipelines the swarm allows now; while none can form, the run waits and says why."""
+        waiting = False
+        while True:
+            self._check_stop()
+            servers = [server for server in self.swarm.servers() if server.peer_id not in exclude]
+            pipelines = form_pipelines(servers, self.base.config.num_hidden_layers)
+            if pipelines:
+                if waiting:
+                    self._set_state("running", "pipelines formed again")
+                return pipelines
+            missing = uncovered_blocks(servers, self.base.config.num_hidden_layers)
+            reason = (f"no peer serves blocks {_ranges(missing)}" if missing
+                      else "the online peers' spans do not chain into a full pipeline")
+            if not waiting:
+                self._set_state("waiting", f"waiting: {reason}")
+                waiting = True
+            self.stop_requested.wait(WAIT_SECONDS)
+
+    def _prepare(self, pipelines: list[Pipeline], version: int) -> None:
+        """Opens the run on every pipeline peer and gives those that lack it the latest adapter (newcomers,
+        peers of an interrupted round, every peer after a coordinator restart)."""
+        for peer in (peer for pipeline in pipelines for peer in pipeline):
+            if self._holds.get(peer.peer_id) == version:
+                continue
+            try:
+                self._push(peer, version)
+            except grpc.RpcError as error:
+                logger.warning("cannot prepare %s: %s", peer.address, error)
+
+    def _push(self, peer: ServerRecord, version: int) -> None:
+        stub = self.swarm.stub(peer.address)
+        timeout = self.swarm.step_timeout
+        stub.OpenTraining(pb.OpenTrainingRequest(model_id=self.base.model_id, run=self.spec.name,
+                                                 lora=self.spec.lora_spec()), timeout=timeout)
+        tensors = [pb.NamedTensor(name=key, tensor=encode(tensor))
+                   for key, tensor in sorted(blocks_of(self.adapter, peer.start, peer.end).items())]
+        stub.SetAdapter(pb.SetAdapterRequest(run=self.spec.name, tensors=tensors), timeout=timeout)
+        with self._lock:
+            self._holds[peer.peer_id] = version
+
+    def _work(self, pipeline: Pipeline, units: deque, progress: RoundProgress, index: int) -> None:
+        """Takes units until none is left or the pipeline breaks (its unit goes back for others)."""
+        while not self.stop_requested.is_set():
+            with self._lock:
+                if not units:
+                    return
+                unit = units.popleft()
+            try:
+                self._train_unit(pipeline, unit, progress, index)
+            except PipelineBroken as error:
+                logger.warning("pipeline broke: %s; unit %s goes back", error, unit)
+                with self._lock:
+                    units.appendleft(unit)
+                    progress.broken.add(error.peer.peer_id)
+                self._discard(pipeline, error.peer)
+                return
+
+    def _train_unit(self, pipeline: Pipeline, unit: list[int], progress: RoundProgress, index: int) -> None:
+        spec = self.spec
+        losses, tokens, wire = [], 0, 0
+        for micro_batch in unit:
+            examples = micro_batches(self.examples, spec.micro_batch, spec.lora.seed, micro_batch, 1)[0]
+            input_ids, mask, labels = collate(examples, self.base.config.pad_token_id or 0)
+            tag = f"{index}.{micro_batch}"
+            with torch.no_grad():
+                hidden = self.base.head.embed(input_ids)
+            for peer in pipeline:
+                request = pb.TrainForwardRequest(run=spec.name, micro_batch=tag, attention_mask=encode(mask),
+                                                 hidden_states=encode(hidden, self.wire_dtype))
+                reply = self._call(peer, "TrainForward", request)
+                wire += request.ByteSize() + reply.ByteSize()
+                hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
+            hidden = hidden.detach().requires_grad_(True)
+            loss = causal_lm_loss(self.base.head.logits(hidden), labels)
+            (loss / spec.grad_accum).backward()
+            grad = hidden.grad
+            for position in range(len(pipeline) - 1, -1, -1):
+                request = pb.TrainBackwardRequest(run=spec.name, micro_batch=tag, grad_output=encode(grad, self.wire_dtype),
+                                                  want_grad_input=position > 0)
+                reply = self._call(pipeline[position], "TrainBackward", request)
+                wire += request.ByteSize() + reply.ByteSize()
+                if position > 0:
+                    grad = decode(reply.grad_input, what="grad_input", ndim=3)
+            losses.append(loss.item())
+            tokens += int(mask.sum())
+        samples = len(unit) * spec.micro_batch
+        for peer in pipeline:
+            self._call(peer, "Step", pb.StepRequest(run=spec.name, samples=samples))
+        with self._lock:
+            progress.units_done += 1
+            progress.samples += samples
+            progress.tokens += tokens
+            progress.wire_bytes += wire
+            progress.losses.extend(losses)
+            for peer in pipeline:
+                progress.trained[peer.peer_id] = peer
+            done, rate = progress.units_done, progress.tokens / max(time.perf_counter() - progress.began, 1e-9)
+        self.emit(pb.RunEvent(kind="step", round=index, steps_done=done, steps_total=spec.steps_per_round,
+                              loss=sum(losses) / len(losses), peers=[peer.peer_id for peer in pipeline],
+                              tokens_per_s=rate))
+
+    def _call(self, peer: ServerRecord, method: str, request):
+        try:
+            return getattr(self.swarm.stub(peer.address), method)(request, timeout=self.swarm.step_timeout)
+        except grpc.RpcError as error:
+            raise PipelineBroken(peer, f"{method}: {error.code().name}: {error.details()}") from None
+
+    def _discard(self, pipeline: Pipeline, dead: ServerRecord) -> None:
+        for peer in pipeline:
+            if peer.peer_id == dead.peer_id:
+                continue
+            try:
+                self.swarm.stub(peer.address).Discard(pb.DiscardRequest(run=self.spec.name),
+                                                      timeout=self.swarm.step_timeout)
+            except grpc.RpcError as error:
+                logger.warning("cannot discard on %s: %s", peer.address, error)
+
+    # ------------------------------------------------------- end of a round
+
+    def _gather(self, progress: RoundProgress) -> list[tuple[ServerRecord, dict[str, torch.Tensor], int]]:
+        """Every surviving replica's adapter and its samples this round."""
+        replicas = []
+        for peer in progress.trained.values():
+            try:
+                reply = self.swarm.stub(peer.address).GetAdapter(pb.GetAdapterRequest(run=self.spec.name),
+                                                                 timeout=self.swarm.step_timeout)
+            except grpc.RpcError as error:
+                logger.warning("replica %s is gone; its blocks keep the other replicas' work: %s",
+                               peer.address, error.code().name)
+                continue
+            state = {item.name: decode(item.tensor, what=item.name, ndim=2) for item in reply.tensors}
+            replicas.append((peer, state, reply.state.samples))
+        if not replicas:
+            raise SwarmError("every peer that trained this round is gone")
+        return replicas
+
+    def _export(self, index: int, replicas) -> Path:
+        out = Path(self.spec.out_dir) / f"round-{index:03d}"
+        write_adapter(out, self.adapter, self.spec.lora, str(self.base.directory))
+        kept = out / "replicas"
+        kept.mkdir()
+        for peer, state, samples in replicas:
+            save_file({key: tensor.contiguous() for key, tensor in state.items()},
+                      kept / f"{peer.peer_id}.safetensors",
+                      metadata={"samples": str(samples), "blocks": f"{peer.start}:{peer.end}", "address": peer.address})
+        return out
+
+    def _push_everywhere(self, progress: RoundProgress, version: int) -> None:
+        for peer in progress.trained.values():
+            try:
+                self._push(peer, version)
+            except grpc.RpcError:
+                self._holds.pop(peer.peer_id, None)
+
+    def _evaluate(self, version: int) -> float | None:
+        """Token-weighted mean loss over the eval set, through the swarm with the aggregated adapter."""
+        if not self.eval_examples:
+            return None
+        broken: set[str] = set()
+        while True:
+            pipeline = self._pipelines(exclude=broken)[0]
+            self._prepare([pipeline], version)
+            try:
+                return self._evaluate_on(pipeline)
+            except PipelineBroken as error:
+                logger.warning("evaluation moves to another pipeline: %s", error)
+                broken.add(error.peer.peer_id)
+
+    def _evaluate_on(self, pipeline: Pipeline) -> float:
+        total, count = 0.0, 0
+        size = self.spec.micro_batch
+        for first in range(0, len(self.eval_examples), size):
+            input_ids, mask, labels = collate(self.eval_examples[first:first + size], self.base.config.pad_token_id or 0)
+            with torch.no_grad():
+                hidden = self.base.head.embed(input_ids)
+                for peer in pipeline:
+                    request = pb.ForwardRequest(model_id=self.base.model_id, start_block=peer.start,
+                                                end_block=peer.end, hidden_states=encode(hidden, self.wire_dtype),
+                                                attention_mask=encode(mask), adapter=self.spec.name)
+                    hidden = decode(self._call(peer, "Forward", request).hidden_states, what="hidden_states", ndim=3)
+                total += causal_lm_loss(self.base.head.logits(hidden), labels, reduction="sum").item()
+                count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        return total / count
+
+    def _close_on_peers(self) -> None:
+        """The run's training state goes; its adapter stays loaded on the peers, ready to serve."""
+        for peer in self.swarm.servers():
+            try:
+                self.swarm.stub(peer.address).CloseTraining(pb.CloseTrainingRequest(run=self.spec.name, keep=True),
+                                                            timeout=10)
+            except grpc.RpcError:
+                pass  # not open there, or gone
+
+    # ---------------------------------------------------------------- helpers
+
+    def _check_stop(self) -> None:
+        if self.stop_requested.is_set():
+            raise RunStopped()
+
+    def _set_state(self, state: str, message: str) -> None:
+        self.store.set_state(self.spec.name, state, message)
+        self.emit(pb.RunEvent(kind="state", state=state, message=message))
+
+
+def _ranges(blocks: list[int]) -> str:
+    spans, start = [], None
+    for i, block in enumerate(blocks):
+        start = block if start is None else start
+        if i + 1 == len(blocks) or blocks[i + 1] != block + 1:
+            spans.append(f"{start}:{block + 1}")
+            start = None
+    return ", ".join(spans)

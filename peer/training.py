@@ -1,0 +1,111 @@
+"""A run's training on one peer: forward keeping what backward needs, backward, optimizer steps.
+
+The coordinator drives: TrainForward (activations kept per micro-batch), TrainBackward (the gradient of the
+span's input goes back up the pipeline; the adapters' gradients accumulate here), Step (AdamW over this
+span's B matrices; its state never leaves the peer). With gradient checkpointing only the inputs and the RNG
+state are kept, and Backward recomputes the forward: the same dropout masks, the same gradients.
+Every method runs on the peer's runtime thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from tsotsa.spans import BlockSpan, position_ids_from_mask
+from tsotsa.training.lora import LoraSettings, OptimizerSettings
+from tsotsa.peer.adapters import Adapters
+from tsotsa.peer.errors import PeerError
+
+MAX_PENDING = 64  # micro-batches forwarded and not yet backwarded, per run: activations are bounded
+
+
+@dataclass
+class Kept:
+    inputs: torch.Tensor          # a leaf that requires grad: its .grad is what goes back up the pipeline
+    mask: torch.Tensor
+    outputs: torch.Tensor | None  # None under gradient checkpointing
+    rng_state: torch.Tensor
+
+
+class TrainingRun:
+    def __init__(self, span: BlockSpan, adapters: Adapters, name: str, settings: LoraSettings,
+                 optimizer: OptimizerSettings, checkpointing: bool) -> None:
+        self.span, self.adapters, self.name, self.settings = span, adapters, name, settings
+        self.optimizer_settings, self.checkpointing = optimizer, checkpointing
+        self.trainable = [p for key, p in adapters.tensors(name).items() if key.endswith(".lora_B.weight")]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
+                                           weight_decay=optimizer.weight_decay)
+        self.pending: dict[str, Kept] = {}
+        self.steps = self.samples = 0
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable)
+
+    def forward(self, micro_batch: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if micro_batch in self.pending:
+            raise PeerError(grpc.StatusCode.ALREADY_EXISTS, f"micro-batch {micro_batch!r} is already forwarded")
+        if len(self.pending) >= MAX_PENDING:
+            raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{MAX_PENDING} micro-batches await backward on this peer; backward or discard first")
+        inputs = hidden.to(self.span.device, self.span.dtype).detach().requires_grad_(True)
+        mask = mask.to(self.span.device)
+        rng_state = torch.get_rng_state()
+        if self.checkpointing:
+            with torch.no_grad():
+                outputs = self._run(inputs, mask)
+            self.pending[micro_batch] = Kept(inputs, mask, None, rng_state)
+        else:
+            outputs = self._run(inputs, mask)
+            self.pending[micro_batch] = Kept(inputs, mask, outputs, rng_state)
+        return outputs.detach()
+
+    def backward(self, micro_batch: str, grad_output: torch.Tensor, want_grad_input: bool) -> torch.Tensor | None:
+        kept = self.pending.get(micro_batch)
+        if kept is None:
+            raise PeerError(grpc.StatusCode.NOT_FOUND, f"micro-batch {micro_batch!r} was not forwarded here")
+        if tuple(grad_output.shape) != tuple(kept.inputs.shape):
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"grad_output shape {list(grad_output.shape)} "
+                            f"differs from the forwarded {list(kept.inputs.shape)}")
+        del self.pending[micro_batch]
+        outputs = kept.outputs
+        if outputs is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(kept.rng_state)
+                outputs = self._run(kept.inputs, kept.mask)
+        torch.autograd.backward(outputs, grad_output.to(outputs.device, outputs.dtype))
+        return kept.inputs.grad if want_grad_input else None
+
+    def step(self, samples: int, lr: float) -> None:
+        if self.pending:
+            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{len(self.pending)} micro-batches still await backward; no step before they do")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr or self.optimizer_settings.lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self.samples += samples
+
+    def discard(self) -> None:
+        self.pending.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        """The aggregated adapter replaces this replica's; counters restart for the next round."""
+        self.discard()
+        self.adapters.load(self.name, state)
+        self.steps = self.samples = 0
+
+    def _run(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.adapters.activate(self.name)
+        for parameter in self.trainable:
+            parameter.requires_grad_(True)
+        self.span.train(True)  # LoRA dropout is live only in training mode
+        try:
+            return self.span.run_blocks(inputs, mask, position_ids_from_mask(mask))
+        finally:
+            self.span.train(False)

@@ -1,0 +1,88 @@
+"""The LoRA adapters a run trains: their settings, their names in PEFT's format, and their seeded start.
+
+Aggregation across replicas must be exact: the model applies ΔW = B·A, and averaging A's and B's separately
+is not the mean of the replicas' ΔW. Every replica therefore starts from the same A, drawn from the run's
+seed and the module's name (no peer needs any other peer's state or the whole model to draw it), and keeps
+A frozen, training only B (FFA-LoRA). Then mean(B_i)·A is exactly the sample-weighted mean of B_i·A.
+See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft import LoraConfig
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_BLOCK_PREFIX = "base_model.model.model.layers."  # keys of PEFT's adapter_model.safetensors for LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be at least 1, not {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
+        unknown = [name for name in self.target_modules if name not in LLAMA_LINEARS]
+        if unknown or not self.target_modules:
+            raise ValueError(f"target modules {unknown or '(none)'} are not Llama linears; choose from "
+                             f"{', '.join(LLAMA_LINEARS)}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def peft_config(self, *, inference_mode: bool = False, base_model: str | None = None) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+                          inference_mode=inference_mode, base_model_name_or_path=base_model)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoraSettings":
+        return cls(**{**data, "target_modules": tuple(data["target_modules"])})
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW on each peer, over its own blocks' B matrices (the optimizer state never leaves the peer)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = field(default=(0.9, 0.999))
+    eps: float = 1e-8
+
+
+def adapter_key(block: int, module_path: str, part: str) -> str:
+    """PEFT's saved name, e.g. base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight."""
+    return f"{PEFT_BLOCK_PREFIX}{block}.{module_path}.{part}.weight"
+
+
+def parse_adapter_key(key: str) -> tuple[int, str, str]:
+    """(block, module path, 'lora_A'|'lora_B') of a key `adapter_key` made; ValueError for anything else."""
+    if not key.startswith(PEFT_BLOCK_PREFIX) or not key.endswith(".weight"):
+        raise ValueError(f"{key!r} is not a LoRA adapter tensor of a Llama block")
+    block, rest = key[len(PEFT_BLOCK_PREFIX):-len(".weight")].split(".", 1)
+    module_path, _, part = rest.rpartition(".")
+    if not block.isdigit() or part not in ("lora_A", "lora_B") or module_path.rsplit(".", 1)[-1] not in LLAMA_LINEARS:
+        raise ValueError(f"{key!r} is not a LoRA adapter tensor of a Llama block")
+    return int(block), module_path, part
+
+
+def initial_lora_a(seed: int, key: str, r: int, in_features: int) -> torch.Tensor:
+    """A's start for one module: PEFT's own distribution (kaiming-uniform, a=√5: U(±1/√in)), drawn from a
+    generator seeded by the run's seed and the module's key, so every replica draws the same A alone."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    bound = 1.0 / math.sqrt(in_features)
+    return (torch.rand(r, in_features, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
