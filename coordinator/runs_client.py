@@ -39,6 +39,24 @@ def _read(path: Path, what: str) -> bytes:
         raise TsotsaError(f"cannot read {what} file {path}: {error.strerror or error}") from None
 
 
+# The splits a DatasetDict directory given as evaluation data is taken from: the first one it has.
+_EVAL_SPLITS = ("validation", "test")
+
+
+def _load(path: Path, what: str, splits: tuple[str, ...]) -> tuple[str, bytes]:
+    """(name for the coordinator's messages, JSONL bytes) of a JSONL file or a `datasets` directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.name, _read(path, what)
+    from tsotsa.training.datasets_dir import DatasetDirError, jsonl_from_dataset_dir
+
+    try:
+        data = jsonl_from_dataset_dir(path, default_splits=splits)
+    except DatasetDirError as error:
+        raise DatasetDirError(f"{what} {error}") from None
+    return path.resolve().name or str(path), data
+
+
 class RunsClient:
     def __init__(self, address: str, token: str | None = None, admin_token: str | None = None,
                  timeout: float = 60.0) -> None:
@@ -64,11 +82,12 @@ class RunsClient:
         return describe_rpc_error(self.address, "coordinator", error)
 
     def create(self, name: str, config: pb.RunConfig, train: Path, eval: Path | None) -> pb.RunInfo:
-        """Launches run NAME on TRAIN (and EVAL) as JSONL files; the files are read before any call."""
-        train_data = _read(train, "training data")
-        eval_data = _read(eval, "evaluation data") if eval is not None else b""
-        request = pb.CreateRunRequest(name=name, config=config, train_name=Path(train).name, train_data=train_data,
-                                      eval_name=Path(eval).name if eval is not None else "", eval_data=eval_data)
+        """Launches run NAME on TRAIN (and EVAL): JSONL files, or `datasets` directories (`save_to_disk`) sent
+        as JSONL; everything is read before any call."""
+        train_name, train_data = _load(train, "training data", ("train",))
+        eval_name, eval_data = _load(eval, "evaluation data", _EVAL_SPLITS) if eval is not None else ("", b"")
+        request = pb.CreateRunRequest(name=name, config=config, train_name=train_name, train_data=train_data,
+                                      eval_name=eval_name, eval_data=eval_data)
         try:
             return self._stub.CreateRun(request, timeout=self.timeout, metadata=self._admin)
         except grpc.RpcError as error:

@@ -15,12 +15,12 @@ from transformers import AutoTokenizer
 
 from tsotsa.auth import server_interceptors
 from tsotsa.checkpoint import HEAD_PREFIXES, Checkpoint
-from tsotsa.client.swarm import Swarm
 from tsotsa.dht import start_dht
 from tsotsa.errors import TsotsaError
 from tsotsa.head import ModelHead
 from tsotsa.remote import GRPC_OPTIONS
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+from tsotsa.coordinator.rejoin import PeerMemory, RememberingSwarm
 from tsotsa.coordinator.runs import RunManager
 from tsotsa.coordinator.service import CoordinatorService
 from tsotsa.coordinator.store import RunStore
@@ -51,10 +51,15 @@ def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
     checkpoint = Checkpoint.open(options.model_dir)
     store = RunStore(options.db or options.state_path / "coordinator.sqlite")
     options.state_path.mkdir(parents=True, exist_ok=True)
-    dht = start_dht([], host=options.host, port=options.dht_port, identity_path=str(options.state_path / "dht.key"))
-    swarm = Swarm(dht, checkpoint.model_id, checkpoint.config.num_hidden_layers, token=options.token)
+    memory = PeerMemory(options.state_path / "known-peers.txt")
+    dht = start_dht(memory.load(), host=options.host, port=options.dht_port,
+                    identity_path=str(options.state_path / "dht.key"), ensure_bootstrap_success=False)
+    swarm = RememberingSwarm(dht, checkpoint.model_id, checkpoint.config.num_hidden_layers, token=options.token,
+                             memory=memory)
     runs = RunManager(store, options.state_path, base_model(checkpoint), swarm)
+    stop = threading.Event()
     try:
+        memory.keep_updated(swarm, stop)
         service = CoordinatorService(checkpoint, checkpoint.model_id, dht, runs, options.admin_token)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS,
                              interceptors=server_interceptors(options.token))
@@ -63,7 +68,6 @@ def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
         if bound == 0:
             raise TsotsaError(f"cannot listen on {options.host}:{options.port}")
         server.start()
-        stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
         announce(f"coordinator of {checkpoint.model_id} ({checkpoint.config.num_hidden_layers} blocks) "
@@ -73,6 +77,7 @@ def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
         stop.wait()
         server.stop(grace=2).wait()
     finally:
+        stop.set()
         runs.shutdown()
         swarm.close()
         dht.shutdown()

@@ -27,6 +27,7 @@ class Adapters:
         self._tensors: dict[str, dict[str, torch.nn.Parameter]] = {}  # adapter -> PEFT key -> parameter
         self._active: str | None | object = _STALE
         self.on_change: Callable[[], None] = lambda: None  # the peer announces its adapters anew
+        self._training: set[str] = set()  # adapters whose B matrices train: they always require grad
 
     def __contains__(self, name: str) -> bool:
         return name in self.settings
@@ -63,18 +64,33 @@ class Adapters:
                 module.delete_adapter(name)
         self.settings.pop(name, None)
         self._tensors.pop(name, None)
+        self._training.discard(name)
         self._active = _STALE
         self.activate(None)
         self.on_change()
 
     def activate(self, name: str | None) -> None:
-        """Makes the next computations use adapter `name` (None: the base model). All adapter parameters
-        come out frozen; training unfreezes its B matrices itself."""
+        """Makes the next computations use adapter `name` (None: the base model).
+
+        peft's set_adapter freezes every adapter it does not activate; the B matrices of runs in training
+        are unfrozen again at once: a micro-batch forwarded before this switch and backwarded after it
+        must still put its gradient into them. A stays frozen everywhere."""
         if name == self._active:
             return
         for module in self._lora_layers():
             module.set_adapter([name] if name is not None and name in module.lora_A else [], inference_mode=True)
+        for training in self._training:
+            for key, parameter in self._tensors[training].items():
+                parameter.requires_grad_(key.endswith(".lora_B.weight"))
         self._active = name
+
+    def set_training(self, name: str, training: bool) -> None:
+        """Whether the adapter's B matrices train (require grad) whatever adapter is active."""
+        if training:
+            self._training.add(name)
+        else:
+            self._training.discard(name)
+        self._active = _STALE
 
     def tensors(self, name: str) -> dict[str, torch.nn.Parameter]:
         """PEFT key -> the live parameter, for every A and B of the adapter."""

@@ -136,6 +136,7 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
             raise TsotsaError(f"cannot listen on {options.host}:{options.port}")
         server.start()
         record.address = f"{options.announce_host or options.host}:{port}"
+        record.dht_addresses = [str(addr) for addr in dht.get_visible_maddrs()]
         record.state = "online"
         announce(dht, info.model_id, record, options.record_ttl)
 

@@ -115,6 +115,7 @@ class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
         in the input's dtype."""
 
         def run() -> torch.Tensor:
+            self._check_adapter(adapter)  # again here: a session's adapter may have been removed since it opened
             self.adapters.activate(adapter or None)
             return self.span(hidden, *args).to("cpu", hidden.dtype)
 

@@ -27,7 +27,7 @@ class Kept:
     inputs: torch.Tensor          # a leaf that requires grad: its .grad is what goes back up the pipeline
     mask: torch.Tensor
     outputs: torch.Tensor | None  # None under gradient checkpointing
-    rng_state: torch.Tensor
+    rng_state: tuple[torch.Tensor, torch.Tensor | None]  # CPU and (on a GPU) device generator states
 
 
 class TrainingRun:
@@ -40,6 +40,7 @@ class TrainingRun:
                                            weight_decay=optimizer.weight_decay)
         self.pending: dict[str, Kept] = {}
         self.steps = self.samples = 0
+        adapters.set_training(name, True)
 
     @property
     def trainable_parameters(self) -> int:
@@ -53,7 +54,7 @@ class TrainingRun:
                             f"{MAX_PENDING} micro-batches await backward on this peer; backward or discard first")
         inputs = hidden.to(self.span.device, self.span.dtype).detach().requires_grad_(True)
         mask = mask.to(self.span.device)
-        rng_state = torch.get_rng_state()
+        rng_state = self._rng_state()
         if self.checkpointing:
             with torch.no_grad():
                 outputs = self._run(inputs, mask)
@@ -73,8 +74,8 @@ class TrainingRun:
         del self.pending[micro_batch]
         outputs = kept.outputs
         if outputs is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.set_rng_state(kept.rng_state)
+            with torch.random.fork_rng(devices=[self.span.device] if self.span.device.type == "cuda" else []):
+                self._set_rng_state(kept.rng_state)
                 outputs = self._run(kept.inputs, kept.mask)
         torch.autograd.backward(outputs, grad_output.to(outputs.device, outputs.dtype))
         return kept.inputs.grad if want_grad_input else None
@@ -95,15 +96,30 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        """The aggregated adapter replaces this replica's; counters restart for the next round."""
-        self.discard()
+        """The aggregated adapter replaces this replica's; counters restart for the next round. A refused
+        state (ValueError) changes nothing."""
         self.adapters.load(self.name, state)
+        self.discard()
         self.steps = self.samples = 0
+
+    def close(self, keep_adapter: bool) -> None:
+        self.discard()
+        self.adapters.set_training(self.name, False)
+        if not keep_adapter:
+            self.adapters.remove(self.name)
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The generators dropout draws from (on a GPU, the device's too), so a recompute draws the same."""
+        cuda = self.span.device.type == "cuda"
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.span.device) if cuda else None
+
+    def _set_rng_state(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.span.device)
 
     def _run(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.adapters.activate(self.name)
-        for parameter in self.trainable:
-            parameter.requires_grad_(True)
         self.span.train(True)  # LoRA dropout is live only in training mode
         try:
             return self.span.run_blocks(inputs, mask, position_ids_from_mask(mask))

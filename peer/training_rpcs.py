@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
 
 import grpc
@@ -47,9 +48,11 @@ def settings_from_spec(spec: pb.LoraSpec) -> tuple[LoraSettings, OptimizerSettin
                             target_modules=tuple(spec.target_modules), seed=spec.seed)
     except ValueError as error:
         raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-    if not spec.lr > 0 or spec.weight_decay < 0 or not (0 <= spec.beta1 < 1 and 0 <= spec.beta2 < 1) or spec.eps <= 0:
+    numbers = (spec.lr, spec.weight_decay, spec.beta1, spec.beta2, spec.eps)
+    if (not all(math.isfinite(x) for x in numbers) or not spec.lr > 0 or spec.weight_decay < 0
+            or not (0 <= spec.beta1 < 1 and 0 <= spec.beta2 < 1) or not spec.eps > 0):
         raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
-                        "optimizer settings need lr > 0, weight_decay >= 0, betas in [0, 1) and eps > 0")
+                        "optimizer settings need finite lr > 0, weight_decay >= 0, betas in [0, 1) and eps > 0")
     return lora, OptimizerSettings(lr=spec.lr, weight_decay=spec.weight_decay, betas=(spec.beta1, spec.beta2),
                                    eps=spec.eps)
 
@@ -78,8 +81,12 @@ class TrainingRpcs:
             if request.run in self.adapters:
                 self.adapters.remove(request.run)  # a served adapter of the same name: training starts afresh
             self.adapters.attach(request.run, lora)
-            run = self.runs[request.run] = TrainingRun(self.span, self.adapters, request.run, lora, optimizer,
-                                                       checkpointing)
+            try:
+                run = TrainingRun(self.span, self.adapters, request.run, lora, optimizer, checkpointing)
+            except Exception:
+                self.adapters.remove(request.run)
+                raise
+            self.runs[request.run] = run
             return run
 
         return self._training_state(self._on_runtime(open_run))
@@ -159,10 +166,8 @@ class TrainingRpcs:
         run = self._run(request.run)
 
         def close() -> None:
-            run.discard()
             del self.runs[run.name]
-            if not request.keep:
-                self.adapters.remove(run.name)
+            run.close(keep_adapter=request.keep)
 
         self._on_runtime(close)
         return pb.CloseTrainingResponse()

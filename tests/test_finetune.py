@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -43,11 +44,13 @@ def run_config(**overrides) -> pb.RunConfig:
     return pb.RunConfig(**{**fields, **overrides})
 
 
-def finish(client: RunsClient, name: str) -> pb.RunInfo:
-    """Follows the run to its end; the run must finish."""
-    events = list(client.watch(name))
-    info = client.get(name)
-    assert info.state == "finished", (info.message, events[-3:])
+def finish(client: RunsClient, name: str, timeout: float = 300.0) -> pb.RunInfo:
+    """Waits (bounded) for the run to end; it must have finished."""
+    deadline = time.monotonic() + timeout
+    while (info := client.get(name)).state not in ("finished", "failed", "stopped"):
+        assert time.monotonic() < deadline, f"run {name} still {info.state} ({info.message}) after {timeout:g} s"
+        time.sleep(0.5)
+    assert info.state == "finished", info.message
     return info
 
 
@@ -128,3 +131,22 @@ def test_launching_and_stopping_need_the_admin_token(swarm, data):
                 client.create("no-admin", run_config(), data, None)
             with pytest.raises(SwarmError, match="admin token"):
                 client.stop("exact")
+
+
+def test_a_run_resumes_after_the_coordinator_is_killed(swarm, data):
+    """Last in this module: it kills the module's coordinator (and starts another on the same ports)."""
+    with RunsClient(swarm.coordinator_address, admin_token=ADMIN) as client:
+        client.create("resumed", run_config(rounds=4, steps_per_round=12), data, None)
+        for event in client.watch("resumed"):
+            if event.kind == "round":
+                break
+        first = client.get("resumed").rounds[0]
+    swarm.kill_coordinator()
+    swarm.start_coordinator()
+    swarm.coordinator.wait_for(re.compile(r"resuming run resumed"))
+    with RunsClient(swarm.coordinator_address, admin_token=ADMIN) as client:
+        info = finish(client, "resumed")
+    assert [r.round for r in info.rounds] == [0, 1, 2, 3]
+    assert (info.rounds[0].train_loss, info.rounds[0].checkpoint) == (first.train_loss, first.checkpoint)
+    assert all(r.samples == 12 * MICRO_BATCH * GRAD_ACCUM for r in info.rounds)
+    assert info.rounds[-1].train_loss < info.rounds[0].train_loss

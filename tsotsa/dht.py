@@ -30,6 +30,7 @@ class ServerRecord:
     dtype: str = "float32"
     quant: str = "none"
     adapters: list[str] = field(default_factory=list)
+    dht_addresses: list[str] = field(default_factory=list)  # the peer's DHT multiaddrs: others bootstrap from them
     expires_at: float = 0.0  # filled in when read back from the DHT
 
     def as_value(self) -> dict:
@@ -47,7 +48,7 @@ DHT_START_ATTEMPTS = 3
 
 
 def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False,
-              identity_path: str | None = None) -> hivemind.DHT:
+              identity_path: str | None = None, ensure_bootstrap_success: bool = True) -> hivemind.DHT:
     """Starts a hivemind DHT node (a forked child with its p2p daemon) bootstrapped from `initial_peers`.
 
     hivemind forks the calling process; when that process already runs threads (gRPC's, torch's), the
@@ -61,6 +62,7 @@ def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, 
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             client_mode=client_mode,
             identity_path=identity_path,
+            ensure_bootstrap_success=ensure_bootstrap_success,
             start=False,
         )
         dht.run_in_background(await_ready=False)

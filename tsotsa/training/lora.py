@@ -18,6 +18,7 @@ from peft import LoraConfig
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_RANK = 1024  # a low-rank adapter; a larger rank is a mistake, and could exhaust a peer's memory
 PEFT_BLOCK_PREFIX = "base_model.model.model.layers."  # keys of PEFT's adapter_model.safetensors for LlamaForCausalLM
 
 
@@ -30,9 +31,11 @@ class LoraSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank must be at least 1, not {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if not 1 <= self.r <= MAX_RANK:
+            raise ValueError(f"LoRA rank must be in 1..{MAX_RANK}, not {self.r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number, not {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:  # NaN fails this too
             raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
         unknown = [name for name in self.target_modules if name not in LLAMA_LINEARS]
         if unknown or not self.target_modules:

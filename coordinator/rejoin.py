@@ -1,0 +1,67 @@
+"""The coordinator remembers where the swarm's DHT nodes are, so that after a restart it can rejoin them.
+
+The coordinator's DHT node is the peers' bootstrap node, but a restarted coordinator starts with an empty
+routing table: the peers still know it, yet nothing makes them call it. So it keeps the DHT addresses the
+peers announce in a file beside its database (each time it looks the swarm up, and every few seconds), and
+a restarted coordinator bootstraps from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from tsotsa.client.swarm import Swarm
+from tsotsa.dht import ServerRecord
+
+logger = logging.getLogger(__name__)
+MAX_REMEMBERED = 64
+
+
+class PeerMemory:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[str]:
+        try:
+            return [line for line in self.path.read_text().split() if line.startswith("/")][:MAX_REMEMBERED]
+        except OSError:
+            return []
+
+    def save(self, servers: list[ServerRecord]) -> None:
+        addresses = sorted({address for server in servers for address in server.dht_addresses})[:MAX_REMEMBERED]
+        if not addresses:
+            return  # an empty swarm says nothing new: keep the last known addresses
+        partial = self.path.with_suffix(".partial")
+        partial.write_text("\n".join(addresses) + "\n")
+        os.replace(partial, self.path)
+
+    def keep_updated(self, swarm: "RememberingSwarm", stop: threading.Event, interval: float = 5.0
+                     ) -> threading.Thread:
+        """Looks the swarm up (which saves its addresses) every `interval` seconds until `stop` is set."""
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    swarm.servers()
+                except Exception as error:  # a missed update is retried at the next one
+                    logger.warning("cannot remember the swarm's DHT addresses: %s", error)
+
+        thread = threading.Thread(target=loop, name="peer-memory", daemon=True)
+        thread.start()
+        return thread
+
+
+class RememberingSwarm(Swarm):
+    """The coordinator's view of the swarm: every lookup also updates its memory of the peers."""
+
+    def __init__(self, *args, memory: PeerMemory, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.memory = memory
+
+    def servers(self) -> list[ServerRecord]:
+        found = super().servers()
+        self.memory.save(found)
+        return found

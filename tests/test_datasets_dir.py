@@ -1,0 +1,194 @@
+"""Hugging Face `datasets` directories as fine-tuning data: converted to the coordinator's JSONL on the client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+datasets = pytest.importorskip("datasets")
+
+from tsotsa.coordinator.data import parse_jsonl  # noqa: E402
+from tsotsa.coordinator.runs_client import RunsClient  # noqa: E402
+from tsotsa.errors import TsotsaError  # noqa: E402
+from tsotsa.training.datasets_dir import DatasetDirError, jsonl_from_dataset_dir  # noqa: E402
+from tsotsa.v1 import tsotsa_pb2 as pb  # noqa: E402
+
+
+def save(path: Path, columns: dict) -> Path:
+    datasets.Dataset.from_dict(columns).save_to_disk(str(path))
+    return path
+
+
+def save_dict(path: Path, splits: dict[str, dict]) -> Path:
+    datasets.DatasetDict({name: datasets.Dataset.from_dict(cols) for name, cols in splits.items()}) \
+        .save_to_disk(str(path))
+    return path
+
+
+def lines(data: bytes) -> list[dict]:
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+def test_text_column_keeps_only_text(tmp_path):
+    path = save(tmp_path / "ds", {"text": ["héllo wörld", "line\nbreak \"quoted\"", "日本語"], "id": [1, 2, 3]})
+    data = jsonl_from_dataset_dir(path)
+    assert data.endswith(b"\n") and data.count(b"\n") == 3  # embedded newlines stay escaped
+    assert "日本語".encode() in data  # ensure_ascii=False: UTF-8, not \\u escapes
+    assert lines(data) == [{"text": "héllo wörld"}, {"text": "line\nbreak \"quoted\""}, {"text": "日本語"}]
+
+
+def test_prompt_completion_columns(tmp_path):
+    path = save(tmp_path / "ds", {"completion": ["4", "6"], "prompt": ["2+2=", "3+3="], "source": ["a", "b"]})
+    assert lines(jsonl_from_dataset_dir(path)) == [{"prompt": "2+2=", "completion": "4"},
+                                                   {"prompt": "3+3=", "completion": "6"}]
+
+
+def test_many_rows_keep_their_order(tmp_path):
+    texts = [f"row {i}" for i in range(2500)]  # over one conversion batch
+    assert [row["text"] for row in lines(jsonl_from_dataset_dir(save(tmp_path / "ds", {"text": texts})))] == texts
+
+
+def test_dataset_dict_takes_train_or_the_named_split(tmp_path):
+    path = save_dict(tmp_path / "dd", {"train": {"text": ["t1", "t2"]}, "test": {"text": ["x"]}})
+    assert lines(jsonl_from_dataset_dir(path)) == [{"text": "t1"}, {"text": "t2"}]
+    assert lines(jsonl_from_dataset_dir(path, "test")) == [{"text": "x"}]
+    with pytest.raises(DatasetDirError, match=r"no split 'validation'; it has: train, test"):
+        jsonl_from_dataset_dir(path, "validation")
+
+
+def test_dataset_dict_without_train_lists_its_splits(tmp_path):
+    path = save_dict(tmp_path / "dd", {"validation": {"text": ["v"]}, "extra": {"text": ["e"]}})
+    with pytest.raises(DatasetDirError) as caught:
+        jsonl_from_dataset_dir(path)
+    message = str(caught.value)
+    assert "'train'" in message and "it has: validation, extra" in message and "\n" not in message
+
+
+def test_eval_split_preference(tmp_path):
+    both = save_dict(tmp_path / "both", {"train": {"text": ["t"]}, "test": {"text": ["x"]},
+                                         "validation": {"text": ["v"]}})
+    assert lines(jsonl_from_dataset_dir(both, default_splits=("validation", "test"))) == [{"text": "v"}]
+    only_test = save_dict(tmp_path / "test", {"train": {"text": ["t"]}, "test": {"text": ["x"]}})
+    assert lines(jsonl_from_dataset_dir(only_test, default_splits=("validation", "test"))) == [{"text": "x"}]
+    only_train = save_dict(tmp_path / "train", {"train": {"text": ["t"]}})
+    with pytest.raises(DatasetDirError, match=r"'validation' or 'test' split; it has: train"):
+        jsonl_from_dataset_dir(only_train, default_splits=("validation", "test"))
+
+
+def test_single_dataset_has_no_named_split(tmp_path):
+    path = save(tmp_path / "ds", {"text": ["a"]})
+    with pytest.raises(DatasetDirError, match="single Dataset"):
+        jsonl_from_dataset_dir(path, "train")
+
+
+def test_plain_directory_is_not_a_dataset(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetDirError, match="not a dataset directory") as caught:
+        jsonl_from_dataset_dir(tmp_path / "empty")
+    assert isinstance(caught.value, TsotsaError) and "\n" not in str(caught.value)
+    with pytest.raises(DatasetDirError, match="no such directory"):
+        jsonl_from_dataset_dir(tmp_path / "missing")
+
+
+def test_corrupt_dataset_directory(tmp_path):
+    path = save(tmp_path / "ds", {"text": ["a"]})
+    (path / "dataset_info.json").write_text("{not json")
+    with pytest.raises(DatasetDirError, match="cannot load the dataset") as caught:
+        jsonl_from_dataset_dir(path)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("columns", [{"question": ["q"], "answer": ["a"]}, {"prompt": ["p"], "answer": ["a"]}])
+def test_wrong_columns_are_listed(tmp_path, columns):
+    path = save(tmp_path / "ds", columns)
+    with pytest.raises(DatasetDirError, match=f"it has: {', '.join(columns)}$"):
+        jsonl_from_dataset_dir(path)
+
+
+def test_text_and_prompt_columns_together_are_ambiguous(tmp_path):
+    path = save(tmp_path / "ds", {"text": ["t"], "prompt": ["p"], "completion": ["c"]})
+    with pytest.raises(DatasetDirError, match='both a "text" column and "prompt"/"completion"'):
+        jsonl_from_dataset_dir(path)
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"text": ["ok", "fine", None]}, 'row 2: "text" must be a string, got null'),
+    ({"text": [1, 2]}, 'row 0: "text" must be a string, got int'),
+    ({"prompt": ["a", "b"], "completion": ["x", None]}, 'row 1: "completion" must be a string, got null'),
+    ({"prompt": [["a", "b"]], "completion": ["x"]}, 'row 0: "prompt" must be a string, got list'),
+])
+def test_non_string_values_name_the_row(tmp_path, columns, message):
+    with pytest.raises(DatasetDirError, match=message):
+        jsonl_from_dataset_dir(save(tmp_path / "ds", columns))
+
+
+def test_empty_dataset(tmp_path):
+    path = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["a", "b"]}).filter(lambda row: False).save_to_disk(str(path))
+    with pytest.raises(DatasetDirError, match="no rows"):
+        jsonl_from_dataset_dir(path)
+    # Saved with no shard at all, which `datasets` itself then fails to load: still one line, not a traceback.
+    save(tmp_path / "no-shards", {"text": []})
+    with pytest.raises(DatasetDirError, match="cannot load the dataset: ") as caught:
+        jsonl_from_dataset_dir(tmp_path / "no-shards")
+    assert "\n" not in str(caught.value)
+
+
+def test_output_passes_the_coordinators_parser(tmp_path):
+    text = save(tmp_path / "text", {"text": ["a\nb", "ünïcode ✓", "tab\there"]})
+    rows = parse_jsonl(jsonl_from_dataset_dir(text), "text")
+    assert [row.fields for row in rows] == [{"text": "a\nb"}, {"text": "ünïcode ✓"}, {"text": "tab\there"}]
+    pairs = save_dict(tmp_path / "pairs", {"train": {"prompt": ["Q: 1?", "Q: 2?"], "completion": [" 1", " 2"]}})
+    rows = parse_jsonl(jsonl_from_dataset_dir(pairs), "pairs")
+    assert [row.fields for row in rows] == [{"prompt": "Q: 1?", "completion": " 1"},
+                                           {"prompt": "Q: 2?", "completion": " 2"}]
+
+
+class _RecordingStub:
+    """Stands in for the coordinator: keeps the CreateRun request instead of sending it."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.CreateRunRequest] = []
+
+    def CreateRun(self, request, timeout=None, metadata=None):  # noqa: N802 (the gRPC method's name)
+        self.requests.append(request)
+        return pb.RunInfo(name=request.name)
+
+
+def create(train: Path, eval: Path | None) -> pb.CreateRunRequest:
+    with RunsClient("127.0.0.1:1", admin_token="secret") as client:  # the channel is never used
+        client._stub = stub = _RecordingStub()
+        client.create("run", pb.RunConfig(), train, eval)
+    return stub.requests[0]
+
+
+def test_runs_client_sends_directories_as_jsonl(tmp_path):
+    data = save_dict(tmp_path / "my-data", {"train": {"text": ["t1", "t2"]}, "validation": {"text": ["v"]},
+                                            "test": {"text": ["x"]}})
+    request = create(data, data)
+    assert request.train_name == "my-data" and request.eval_name == "my-data"
+    assert lines(request.train_data) == [{"text": "t1"}, {"text": "t2"}]
+    assert lines(request.eval_data) == [{"text": "v"}]  # validation before test
+    assert parse_jsonl(request.train_data, request.train_name) and parse_jsonl(request.eval_data, request.eval_name)
+
+
+def test_runs_client_keeps_files_as_they_are(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b'{"text": "raw bytes, sent unchanged"}\n')
+    single = save(tmp_path / "evalset", {"prompt": ["p"], "completion": ["c"]})
+    request = create(train, single)
+    assert (request.train_name, request.train_data) == ("train.jsonl", train.read_bytes())
+    assert (request.eval_name, lines(request.eval_data)) == ("evalset", [{"prompt": "p", "completion": "c"}])
+    assert create(train, None).eval_data == b""
+
+
+def test_runs_client_eval_directory_without_eval_split(tmp_path):
+    data = save_dict(tmp_path / "dd", {"train": {"text": ["t"]}})
+    with pytest.raises(DatasetDirError, match=r"^evaluation data .*dd: a DatasetDict without a 'validation' or "
+                                              r"'test' split; it has: train$"):
+        create(data, data)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DatasetDirError, match=r"^training data .*plain: not a dataset directory"):
+        create(tmp_path / "plain", None)
