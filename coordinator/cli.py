@@ -382,54 +382,38 @@ def stop(
 def export(
     run: str = typer.Argument(..., help="The run's name."),
     coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
-    out: Path = typer.Option(None, "--out", help="Where to write the adapter (or, with --merge, the merged model)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the adapter (or, with --merge, the merged model)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the adapter into the base model: a plain Llama "
-                                                      "checkpoint that needs no PEFT."),
+                                                      "checkpoint that needs no PEFT (CPU is enough)."),
     base: Path = typer.Option(None, "--base", help="The base model's checkpoint directory (for --merge)."),
     token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
 ) -> None:
-    """Export the adapter of a run's last finished round, as a PEFT adapter or merged into the base model.
+    """Export the adapter of a run's last finished round in PEFT's format, or merged into the base model.
 
-    It reads the coordinator's files, so it runs where they are; it prints the path it wrote.
+    The adapter comes from the coordinator over gRPC, so this runs on any machine; it prints the path it wrote.
     """
 
     def body() -> None:
-        import shutil
+        import tempfile
 
-        from tsotsa.coordinator.runs_client import RunsClient
-        from tsotsa.errors import SwarmError, TsotsaError
+        from tsotsa.remote import CoordinatorClient
+        from tsotsa.training.export import merge_adapter, write_adapter
+        from tsotsa.training.lora import LoraSettings
 
-        if merge and base is None:
-            raise ValueError("--merge needs --base (the base model's checkpoint directory)")
-        if merge and not base.is_dir():
-            raise ValueError(f"--base {base} is not a directory")
-        if not merge and out is None:
-            raise ValueError("give --out DIR to copy the adapter into (or --merge with --base)")
-        with RunsClient(coordinator, token=token) as client:
-            info = client.get(run)
-        done = [r for r in info.rounds if r.state == "done" and r.checkpoint]
-        if not done:
-            raise SwarmError(f"run {run} has no finished round with an adapter yet ({info.state})")
-        last = max(done, key=lambda r: r.round)
-        checkpoint = Path(last.checkpoint)
-        if not checkpoint.is_dir():
-            raise SwarmError(f"the adapter of run {run}'s round {last.round}, {checkpoint}, is not on this machine "
-                             f"(export where the coordinator's files are)")
-        target = out if out is not None else Path(f"{checkpoint}-merged")
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise ValueError(f"{target} already exists and is not empty; choose another --out")
-        if merge:
-            from tsotsa.training.export import merge_adapter
-
-            path = merge_adapter(base, checkpoint, target)
-        else:
-            from tsotsa.training.export import read_adapter
-
-            read_adapter(checkpoint)  # a one-line error for a broken adapter rather than a copy of it
-            try:
-                path = Path(shutil.copytree(checkpoint, target, dirs_exist_ok=True))
-            except (OSError, shutil.Error) as error:
-                raise TsotsaError(f"cannot copy {checkpoint} to {target}: {error}") from None
-        print(path)
+        if merge and (base is None or not base.is_dir()):
+            raise ValueError("--merge needs --base, the base model's checkpoint directory")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"{out} already exists and is not empty; choose another --out")
+        with CoordinatorClient(coordinator, token=token) as client:
+            spec, tensors = client.adapter(run)
+            info = client.model_info()
+        settings = LoraSettings(r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+                                target_modules=tuple(spec.target_modules))
+        if not merge:
+            print(write_adapter(out, tensors, settings, info.model_id))
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            adapter_dir = write_adapter(Path(scratch) / "adapter", tensors, settings, str(base))
+            print(merge_adapter(base, adapter_dir, out))
 
     run_command(body)

@@ -10,7 +10,11 @@
 4. generates text through the swarm with `tsotsa generate`, streaming tokens as they come;
 5. checks that the swarm's greedy tokens equal `transformers`' `LlamaForCausalLM.generate` on the same
    checkpoint (through the Python API, `SwarmModel`), and that the CLI printed exactly those tokens;
-6. stops every process it started and prints a summary.
+6. fine-tunes: `tsotsa-coordinator finetune` on a small dataset that ships with the project
+   (deploy/data/colors.jsonl: "the color of snow is" -> " white"); the peers train LoRA adapters of their
+   own blocks, the coordinator aggregates them each round; eval loss before and after, and generation
+   with the new adapter (`tsotsa generate --adapter`) next to the base model's;
+7. stops every process it started and prints a summary.
 
 The weights are random, so the generated text is gibberish; what matters is that it is the *same*
 gibberish a single-process `transformers` model produces.
@@ -47,6 +51,11 @@ DEFAULT_PROMPT = "The swarm pools ordinary lab machines"
 MODEL = dict(layers=6, hidden=256, heads=8, kv_heads=4, vocab=512, seed=0)
 LOCAL_SPANS = ["0:1", "1:4"]   # these peers read their blocks from the checkpoint directory
 FETCHING_SPAN = "4:6"          # this one has no checkpoint: it fetches its blocks from the coordinator
+ADMIN_TOKEN = "demo-admin"     # launching a fine-tuning run needs the coordinator's admin token
+DATA = REPO / "deploy" / "data" / "colors.jsonl"
+RUN = "demo-colors"
+FINE_TUNE = dict(rounds=3, steps_per_round=8, micro_batch=8, lora_r=8, lr="2e-2")
+PROBES = ["the color of snow is", "the color of banana is", "the color of grass is"]
 STATS_LINE = re.compile(r"\[(\d+) tokens, ([\d.]+) tok/s, (\d+) hops\]")
 
 # Piped into a file or `tee`, rich would wrap at 80 columns; the swarm map needs more.
@@ -59,15 +68,16 @@ def step(number: int, title: str) -> None:
     console.rule(f"[bold cyan]{number}. {title}", align="left")
 
 
-def tsotsa_command(*args: str) -> list[str]:
-    """argv of the `tsotsa` CLI: the installed console script, or `python -m tsotsa` where there is none."""
-    script = Path(sys.executable).parent / "tsotsa"
-    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "tsotsa", *args]
+def tsotsa_command(*args: str, program: str = "tsotsa") -> list[str]:
+    """argv of a tsotsa CLI: the installed console script, or `python -m` where there is none."""
+    script = Path(sys.executable).parent / program
+    module = {"tsotsa": "tsotsa", "tsotsa-coordinator": "tsotsa.coordinator"}[program]
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", module, *args]
 
 
-def show_command(args: list[str]) -> None:
-    """Prints `$ tsotsa ARGS`: what a user types for the same thing."""
-    console.print(f"[bold green]$[/] [bold]{shlex.join(['tsotsa', *args])}[/]", soft_wrap=True)
+def show_command(args: list[str], program: str = "tsotsa") -> None:
+    """Prints `$ PROGRAM ARGS`: what a user types for the same thing."""
+    console.print(f"[bold green]$[/] [bold]{shlex.join([program, *args])}[/]", soft_wrap=True)
 
 
 def human_bytes(count: int) -> str:
@@ -104,10 +114,11 @@ def peer_infos(peers: list[LocalPeer]) -> dict[str, object]:
     return infos
 
 
-def run_visible(args: list[str], env: dict[str, str], capture: bool = False) -> tuple[int, str, str]:
-    """Runs `tsotsa ARGS` in the foreground, its stdout shown live (and returned when `capture`)."""
-    show_command(args)
-    argv = tsotsa_command(*args)
+def run_visible(args: list[str], env: dict[str, str], capture: bool = False, program: str = "tsotsa"
+                ) -> tuple[int, str, str]:
+    """Runs `PROGRAM ARGS` in the foreground, its stdout shown live (and returned when `capture`)."""
+    show_command(args, program)
+    argv = tsotsa_command(*args, program=program)
     sys.stdout.flush()
     if WIDE:
         env = {**env, "COLUMNS": str(WIDE)}
@@ -133,6 +144,56 @@ def run_visible(args: list[str], env: dict[str, str], capture: bool = False) -> 
             process.wait()
     reader.join(5)
     return process.returncode, "".join(out), b"".join(stderr_chunks).decode("utf-8", "replace")
+
+
+def swarm_eval_loss(model, examples, adapter: str | None) -> float:
+    """Token-weighted mean loss over `examples` through the swarm, as the coordinator scores a round."""
+    import torch
+
+    from tsotsa.coordinator.data import IGNORE_INDEX, collate
+    from tsotsa.coordinator.trainer import causal_lm_loss
+
+    input_ids, mask, labels = collate(examples, model.config.pad_token_id or 0)
+    with torch.inference_mode():
+        logits = model.forward(input_ids, mask, adapter=adapter)
+    return causal_lm_loss(logits, labels, reduction="sum").item() / int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def fine_tune(address: str, env: dict[str, str], client_cache: Path) -> dict[str, object]:
+    """Act 6: eval loss of the base model, a run from the CLI, eval loss after, generation with the adapter."""
+    import json
+
+    from tsotsa.client.model import SwarmModel
+    from tsotsa.coordinator.data import load_examples
+
+    with SwarmModel.from_coordinator(address, cache_dir=client_cache) as model:
+        examples = load_examples(DATA, model.tokenizer, 64)
+        before = swarm_eval_loss(model, examples, None)
+    example = '{"prompt": "the color of snow is", "completion": " white"}'
+    console.print(f"{len(examples)} examples in [bold]{DATA.relative_to(REPO)}[/], e.g. {example}; the loss is "
+                  f"taken on the completion only. Eval loss of the base model: [bold]{before:.3f}[/]")
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in FINE_TUNE.items()]
+    rc, _, err = run_visible(["finetune", "--coordinator", address, "--data", str(DATA), "--eval-data", str(DATA),
+                              "--name", RUN, *flags, "--target-modules", "q_proj,k_proj,v_proj,o_proj"],
+                             env, capture=True, program="tsotsa-coordinator")
+    if rc != 0:
+        raise TsotsaError(f"tsotsa-coordinator finetune failed ({rc}): {err.strip()}")
+    shown = subprocess.run(tsotsa_command("run", RUN, "--coordinator", address, "--json", program="tsotsa-coordinator"),
+                           capture_output=True, text=True, env=env)
+    after = json.loads(shown.stdout.splitlines()[-1])["rounds"][-1]["eval_loss"]
+    console.print(f"eval loss: base [bold]{before:.3f}[/] -> after {FINE_TUNE['rounds']} rounds [bold]{after:.3f}[/]")
+
+    table = Table(title=f"greedy continuations: base model vs adapter {RUN!r} (tsotsa generate --adapter {RUN})")
+    for column in ("prompt", "base model", f"with {RUN}"):
+        table.add_column(column)
+    with SwarmModel.from_coordinator(address, cache_dir=client_cache) as model:
+        for prompt in PROBES:
+            ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+            texts = [model.tokenizer.decode(model.generate(ids, max_new_tokens=3, adapter=adapter)[0, ids.shape[1]:],
+                                            skip_special_tokens=True) for adapter in (None, RUN)]
+            table.add_row(prompt, *texts)
+    console.print(table)
+    return {"eval_before": before, "eval_after": after, "learned": after < before}
 
 
 def streamed_text(tokenizer, prompt: str, new_ids: list[int]) -> str:
@@ -226,9 +287,9 @@ def main() -> int:
                   f"{human_bytes(size)} of float32 weights")
     console.print(f"[dim]{model_dir}[/]")
 
-    env = {**os.environ, "TSOTSA_CACHE": str(client_cache)}
+    env = {**os.environ, "TSOTSA_CACHE": str(client_cache), "TSOTSA_ADMIN_TOKEN": ADMIN_TOKEN}
     try:
-        with LocalSwarm(model_dir, cache_dir=peer_cache) as swarm:
+        with LocalSwarm(model_dir, cache_dir=peer_cache, admin_token=ADMIN_TOKEN) as swarm:
             # ------------------------------------------------------------- 2. processes
             step(2, "A coordinator and 3 peers, each a real process with its own DHT node")
             with console.status("starting the coordinator (gRPC server + DHT bootstrap node)...") as status:
@@ -323,8 +384,14 @@ def main() -> int:
                           f"({len(hf_new)} greedy tokens after a {prompt_length}-token prompt)")
             console.print(f"text printed by `tsotsa generate` vs those tokens decoded: {mark(cli_equal)}")
 
-            # ------------------------------------------------------------- 6. shutdown
-            step(6, "Stopping every process")
+            # ------------------------------------------------------------- 6. fine-tuning
+            step(6, "Fine-tuning: peers train LoRA adapters of their own blocks, the coordinator aggregates")
+            t0 = time.perf_counter()
+            results.update(fine_tune(address, env, client_cache))
+            timings["fine-tune"] = time.perf_counter() - t0
+
+            # ------------------------------------------------------------- 7. shutdown
+            step(7, "Stopping every process")
             with console.status("peers drain (leave the DHT) and exit, then the coordinator..."):
                 t0 = time.perf_counter()
                 tracked = process_tree([swarm.coordinator.pid, *(peer.process.pid for peer in swarm.peers)])
@@ -346,7 +413,7 @@ def main() -> int:
                   f"{'all stopped' if not left else f'{len(left)} still running'}")
 
     # ------------------------------------------------------------------- summary
-    ok = results.get("tokens_equal") and results.get("cli_equal") and not left
+    ok = results.get("tokens_equal") and results.get("cli_equal") and results.get("learned") and not left
     summary = Table(title="summary", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
@@ -357,6 +424,9 @@ def main() -> int:
         summary.add_row("generation", f"{results['new_tokens']} tokens over {results['hops']} hops, "
                                       f"{results['cli_tokens_per_s']:.1f} tok/s (CPU, loopback)")
     summary.add_row("oracle", "swarm == transformers" if results.get("tokens_equal") else "MISMATCH")
+    if "eval_after" in results:
+        summary.add_row("fine-tuning", f"eval loss {results['eval_before']:.3f} -> {results['eval_after']:.3f} "
+                                       f"in {FINE_TUNE['rounds']} rounds ({RUN})")
     summary.add_row("time", f"{time.time() - began:.0f} s in all: " + ", ".join(
         f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
     summary.add_row("result", "[bold green]OK[/]" if ok else "[bold red]FAILED[/]")

@@ -35,6 +35,8 @@ def join(
     session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
     drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for open sessions."),
     threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
+    adapters: str = typer.Option(None, help="Fine-tuning runs whose adapters to serve, comma-separated "
+                                            "(fetched from the coordinator)."),
     token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
                               help="Swarm token (or TSOTSA_TOKEN): sent to the coordinator, required of callers."),
 ) -> None:
@@ -60,6 +62,7 @@ def join(
             limits=PeerLimits(max_sessions=max_sessions, max_cache_bytes=cache_mib << 20,
                               session_timeout=session_timeout),
             drain_timeout=drain_timeout, threads=threads, token=token,
+            adapters=[name for name in (adapters or "").split(",") if name],
         )
         serve_peer(options, say=lambda line: print(line, flush=True))
 

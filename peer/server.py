@@ -22,6 +22,8 @@ from tsotsa.remote import GRPC_OPTIONS, CoordinatorClient, cached_checkpoint, de
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+from tsotsa.training.lora import LoraSettings
+from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.selection import blocks_that_fit, choose_span
 from tsotsa.peer.service import PeerLimits, PeerService
 
@@ -48,6 +50,7 @@ class PeerOptions:
     drain_timeout: float = 60.0
     threads: int | None = None
     token: str | None = None
+    adapters: list[str] = field(default_factory=list)  # runs whose adapters this peer serves from the start
 
 
 def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
@@ -80,6 +83,17 @@ def load_span(options: PeerOptions, info: pb.ModelInfo, config: LlamaConfig, cli
     tensors = source.read_prefixes([block_prefix(i) for i in range(spec.start, spec.end)])
     span = BlockSpan(config, spec, tensors, device=options.device, dtype=options.dtype, quant=options.quant)
     return span, source
+
+
+def load_adapter(adapters: Adapters, client: CoordinatorClient, run: str, spec: SpanSpec) -> None:
+    """A fine-tuning run's latest adapter for this span, from the coordinator, served under the run's name."""
+    lora, tensors = client.adapter(run, spec.start, spec.end)
+    try:
+        adapters.attach(run, LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                          target_modules=tuple(lora.target_modules)))
+        adapters.load(run, tensors)
+    except ValueError as error:
+        raise TsotsaError(f"adapter of run {run!r} does not fit this peer: {error}") from None
 
 
 def serve_peer(options: PeerOptions, say=print) -> None:
@@ -127,6 +141,8 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
             )
 
         service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info)
+        for run in options.adapters:
+            load_adapter(service.adapters, client, run, spec)
         workers = options.limits.max_sessions + 8
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS,
                              maximum_concurrent_rpcs=workers, interceptors=server_interceptors(options.token))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,13 +14,16 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from tsotsa.codec import decode, encode
 from tsotsa.coordinator.runs_client import RunsClient
 from tsotsa.errors import SwarmError
+from tsotsa.remote import open_channel
 from tsotsa.training.export import read_adapter
 from tsotsa.training.lora import LoraSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
-from conftest import connect, start_swarm
+from conftest import cli, connect, start_swarm
 from finetune_oracle import eval_loss, train_locally, write_color_task
 
 ADMIN = "admin-secret"
@@ -133,6 +139,104 @@ def test_launching_and_stopping_need_the_admin_token(swarm, data):
                 client.stop("exact")
 
 
+def coordinator_cli(*args: str, admin: str | None = ADMIN, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "TSOTSA_ADMIN_TOKEN"}
+    if admin:
+        env["TSOTSA_ADMIN_TOKEN"] = admin
+    return subprocess.run([*cli("tsotsa-coordinator"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_the_cli_launches_follows_lists_and_exports_a_run(swarm, data, tiny_model, tmp_path):
+    address = swarm.coordinator_address
+    launched = coordinator_cli("finetune", "--coordinator", address, "--data", str(data), "--eval-data", str(data),
+                               "--name", "cli-run", "--rounds", "2", "--steps-per-round", "2", "--micro-batch", "2",
+                               "--seq-len", "64", "--lora-r", "4", "--target-modules", "q_proj,v_proj", "--lr", "1e-2")
+    assert launched.returncode == 0, launched.stderr
+    lines = launched.stdout.splitlines()
+    assert lines[0] == "run cli-run created: queued" or lines[0].startswith("run cli-run created")
+    assert any(re.fullmatch(r"round 1 step 1/2 loss \d+\.\d+ tok/s \d+\.\d+ peers \S+", line) for line in lines), lines
+    assert any(line.startswith("round 2: train loss ") and "eval loss" in line for line in lines), lines
+    assert lines[-1].startswith("run cli-run finished: 2 rounds")
+
+    listed = coordinator_cli("runs", "--coordinator", address, "--json")
+    runs = {run["name"]: run for run in json.loads(listed.stdout.strip().splitlines()[-1])}
+    assert runs["cli-run"]["state"] == "finished" and runs["cli-run"]["rounds_done"] == 2
+    shown = json.loads(coordinator_cli("run", "cli-run", "--coordinator", address, "--json").stdout.splitlines()[-1])
+    assert [r["round"] for r in shown["rounds"]] == [0, 1] and len(shown["rounds"][0]["peers"]) == 3
+
+    exported = coordinator_cli("export", "cli-run", "--coordinator", address, "--out", str(tmp_path / "adapter"))
+    assert exported.returncode == 0, exported.stderr
+    merged = coordinator_cli("export", "cli-run", "--coordinator", address, "--merge", "--base", str(tiny_model),
+                             "--out", str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr
+    ids = AutoTokenizer.from_pretrained(tiny_model)("the color of sky is", return_tensors="pt").input_ids
+    peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                     str(tmp_path / "adapter"))
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        expected, got = peft(ids).logits, plain(ids).logits
+    assert (expected - got).abs().max().item() <= 1e-5
+    reference = read_adapter(Path(shown["rounds"][1]["checkpoint"]))[0]
+    assert all(torch.equal(tensor, read_adapter(tmp_path / "adapter")[0][key]) for key, tensor in reference.items())
+
+
+def test_several_adapters_are_served_side_by_side(exact_run, swarm, tiny_model, tmp_path):
+    """`tsotsa generate --adapter RUN` for two runs on the same peers, and without adapter: each as PEFT makes it."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = "the color of lemon is"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    outputs = {}
+    for adapter in ("exact", "cli-run", None):
+        argv = [*cli("tsotsa"), "generate", prompt, "--coordinator", swarm.coordinator_address, "--json",
+                "--max-new-tokens", "10", "--cache-dir", str(tmp_path / "cache")]
+        done = subprocess.run(argv + (["--adapter", adapter] if adapter else []), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        outputs[adapter] = json.loads(done.stdout.splitlines()[-1])["output_ids"]
+        base = LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model = base if adapter is None else PeftModel.from_pretrained(base, checkpoint_of(swarm, adapter))
+        expected = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        assert outputs[adapter] == expected.tolist()[:len(outputs[adapter])], adapter
+
+
+def checkpoint_of(swarm, run: str) -> str:
+    with RunsClient(swarm.coordinator_address) as client:
+        return [r for r in client.get(run).rounds if r.state == "done"][-1].checkpoint
+
+
+def test_cli_errors_are_one_line(swarm, tmp_path, data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    address = swarm.coordinator_address
+    for args, admin, message in [
+        (["--data", str(bad)], ADMIN, 'error: bad.jsonl line 2: "completion" is missing'),
+        (["--data", str(data)], None, "error: "),
+        (["--data", str(tmp_path / "missing.jsonl")], ADMIN, "error: "),
+        (["--data", str(data), "--lora-r", "0"], ADMIN, "error: "),
+        (["--data", str(data), "--target-modules", "lm_head"], ADMIN, "error: "),
+    ]:
+        done = coordinator_cli("finetune", "--coordinator", address, "--name", "refused", *args, admin=admin)
+        assert done.returncode == 1 and done.stderr.startswith(message), (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_stop_ends_a_run_between_steps(swarm, data):
+    address = swarm.coordinator_address
+    launched = coordinator_cli("finetune", "--coordinator", address, "--data", str(data), "--name", "stopped-run",
+                               "--rounds", "50", "--steps-per-round", "20", "--micro-batch", "2", "--seq-len", "64",
+                               "--detach")
+    assert launched.returncode == 0, launched.stderr
+    stopped = coordinator_cli("stop", "stopped-run", "--coordinator", address)
+    assert stopped.returncode == 0, stopped.stderr
+    with RunsClient(address) as client:
+        deadline = time.monotonic() + 60
+        while (info := client.get("stopped-run")).state != "stopped":
+            assert time.monotonic() < deadline and info.state in ("queued", "running", "stopping"), info.state
+            time.sleep(0.5)
+    assert info.rounds_done < 50
+
+
 def test_a_run_resumes_after_the_coordinator_is_killed(swarm, data):
     """Last in this module: it kills the module's coordinator (and starts another on the same ports)."""
     with RunsClient(swarm.coordinator_address, admin_token=ADMIN) as client:
@@ -150,3 +254,26 @@ def test_a_run_resumes_after_the_coordinator_is_killed(swarm, data):
     assert (info.rounds[0].train_loss, info.rounds[0].checkpoint) == (first.train_loss, first.checkpoint)
     assert all(r.samples == 12 * MICRO_BATCH * GRAD_ACCUM for r in info.rounds)
     assert info.rounds[-1].train_loss < info.rounds[0].train_loss
+
+
+def test_a_peer_that_never_trained_serves_a_run_by_name(swarm, tiny_model):
+    """`tsotsa-peer join --adapters RUN` fetches the run's latest adapter from the coordinator."""
+    newcomer = swarm.add_peers(["0:4"], "--adapters", "exact,cli-run")[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tokenizer("the color of coal is", return_tensors="pt").input_ids
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                      checkpoint_of(swarm, "exact"))
+    with torch.no_grad():
+        expected = model(ids).logits
+        inner = model.base_model.model
+        hidden = inner.model.embed_tokens(ids)
+    channel = open_channel(newcomer.address, None)
+    try:
+        request = pb.ForwardRequest(model_id=swarm.model_id, start_block=0, end_block=4, adapter="exact",
+                                    hidden_states=encode(hidden))
+        reply = pb_grpc.PeerStub(channel).Forward(request, timeout=60)
+    finally:
+        channel.close()
+    with torch.no_grad():
+        logits = inner.lm_head(inner.model.norm(decode(reply.hidden_states)))
+    assert (logits - expected).abs().max().item() <= 1e-4

@@ -56,6 +56,8 @@ def generate(
     seed: int = typer.Option(None, help="Seed for sampling."),
     cache_dir: Path = typer.Option(None, help="Where the head and tokenizer are cached (default ~/.cache/tsotsa)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line instead of streaming text."),
+    adapter: str = typer.Option(None, help="A fine-tuning run whose adapter the peers apply (the base model "
+                                           "when not given)."),
     token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
                               help="Swarm token (or TSOTSA_TOKEN); every call carries it."),
 ) -> None:
@@ -94,7 +96,7 @@ def generate(
                 sys.stdout.write(prompt)
             swarm_model.generate(prompt_ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed,
-                                 on_tokens=stream)
+                                 on_tokens=stream, adapter=adapter)
             stats = swarm_model.last_generate_stats
             if as_json:
                 print(json.dumps({

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from tsotsa.auth import with_token
 from tsotsa.checkpoint import Checkpoint, block_prefix
-from tsotsa.codec import DTYPES, tensor_from_bytes
+from tsotsa.codec import DTYPES, decode, tensor_from_bytes
 from tsotsa.errors import SwarmError
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
@@ -74,6 +74,17 @@ class CoordinatorClient:
             return self._stub.SwarmStatus(pb.SwarmStatusRequest(), timeout=self.timeout)
         except grpc.RpcError as error:
             raise describe_rpc_error(self.address, "coordinator", error) from None
+
+    def adapter(self, run: str, start: int = 0, end: int = 0) -> tuple[pb.LoraSpec, dict[str, torch.Tensor]]:
+        """A run's latest aggregated adapter, for blocks [start, end) (end 0: all), in PEFT's key names."""
+        try:
+            reply = self._stub.GetAdapter(pb.AdapterRequest(run=run, start_block=start, end_block=end),
+                                          timeout=max(self.timeout, 120.0))
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                raise SwarmError(error.details()) from None
+            raise describe_rpc_error(self.address, "coordinator", error) from None
+        return reply.lora, {item.name: decode(item.tensor, what=item.name, ndim=2) for item in reply.tensors}
 
     def fetch(self, model_id: str, prefixes: list[str], files: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
         """Downloads tensors and files, checking every item's sha256."""
