@@ -54,7 +54,8 @@ FETCHING_SPAN = "4:6"          # this one has no checkpoint: it fetches its bloc
 ADMIN_TOKEN = "demo-admin"     # launching a fine-tuning run needs the coordinator's admin token
 DATA = REPO / "deploy" / "data" / "colors.jsonl"
 RUN = "demo-colors"
-FINE_TUNE = dict(rounds=3, steps_per_round=8, micro_batch=8, lora_r=8, lr="2e-2")
+FINE_TUNE = dict(rounds=4, steps_per_round=16, micro_batch=8, lora_r=16, lora_alpha=32, lr="5e-3",
+                 target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 PROBES = ["the color of snow is", "the color of banana is", "the color of grass is"]
 STATS_LINE = re.compile(r"\[(\d+) tokens, ([\d.]+) tok/s, (\d+) hops\]")
 
@@ -174,7 +175,7 @@ def fine_tune(address: str, env: dict[str, str], client_cache: Path) -> dict[str
                   f"taken on the completion only. Eval loss of the base model: [bold]{before:.3f}[/]")
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in FINE_TUNE.items()]
     rc, _, err = run_visible(["finetune", "--coordinator", address, "--data", str(DATA), "--eval-data", str(DATA),
-                              "--name", RUN, *flags, "--target-modules", "q_proj,k_proj,v_proj,o_proj"],
+                              "--name", RUN, *flags],
                              env, capture=True, program="tsotsa-coordinator")
     if rc != 0:
         raise TsotsaError(f"tsotsa-coordinator finetune failed ({rc}): {err.strip()}")
@@ -189,7 +190,7 @@ def fine_tune(address: str, env: dict[str, str], client_cache: Path) -> dict[str
     with SwarmModel.from_coordinator(address, cache_dir=client_cache) as model:
         for prompt in PROBES:
             ids = model.tokenizer(prompt, return_tensors="pt").input_ids
-            texts = [model.tokenizer.decode(model.generate(ids, max_new_tokens=3, adapter=adapter)[0, ids.shape[1]:],
+            texts = [model.tokenizer.decode(model.generate(ids, max_new_tokens=5, adapter=adapter)[0, ids.shape[1]:],
                                             skip_special_tokens=True) for adapter in (None, RUN)]
             table.add_row(prompt, *texts)
     console.print(table)
