@@ -9,7 +9,6 @@ leave state behind (a leaked session, a half-filled cache) nor take the process 
 
 from __future__ import annotations
 
-import queue
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,6 +21,8 @@ from tsotsa.codec import encode
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+
+from peer_stream import Stream
 
 HIDDEN = 64
 SESSION_TIMEOUT = 2.0
@@ -106,33 +107,6 @@ def assert_serves(stub: pb_grpc.PeerStub, model_id: str) -> None:
     opened, stepped = run_stream(stub, [open_session(model_id, "valid"), step("valid")])
     assert opened.cache_length == 0
     assert list(stepped.hidden_states.shape) == [1, 3, HIDDEN] and stepped.cache_length == 3
-
-
-class Stream:
-    """An Inference stream held open between requests, so a test can interleave other calls with it."""
-
-    def __init__(self, stub: pb_grpc.PeerStub) -> None:
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = stub.Inference(iter(self._requests.get, None), timeout=30)
-
-    def send(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
-        self._requests.put(request)
-        return next(self._call)
-
-    def close(self) -> None:
-        """Half-closes and waits for the end of the stream, so the peer has released the session."""
-        self._requests.put(None)
-        try:
-            for _ in self._call:
-                pass
-        except grpc.RpcError:
-            pass  # the test already checked how this stream ended
-
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------- Forward

@@ -16,7 +16,6 @@ backward lost its gradients, a refused SetAdapter dropped pending work, non-fini
 from __future__ import annotations
 
 import math
-import queue
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -34,6 +33,8 @@ from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.training.lora import LoraSettings, OptimizerSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+
+from peer_stream import Stream
 
 HIDDEN = 64
 MAX_FORWARD_TOKENS = 8192  # PeerLimits.max_forward_tokens (the default)
@@ -193,32 +194,6 @@ def assert_trains(stub, run: str) -> None:
 
 def assert_serves(stub, model_id: str) -> None:
     assert list(forward(stub, model_id, randn(1, 3, HIDDEN)).shape) == [1, 3, HIDDEN]
-
-
-class Stream:
-    """An Inference stream held open between requests."""
-
-    def __init__(self, stub: pb_grpc.PeerStub) -> None:
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = stub.Inference(iter(self._requests.get, None), timeout=TIMEOUT)
-
-    def send(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
-        self._requests.put(request)
-        return next(self._call)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        try:
-            for _ in self._call:
-                pass
-        except grpc.RpcError:
-            pass  # the test already checked how this stream ended
-
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_session(model_id: str, adapter: str = "", session_id: str = "s") -> pb.InferenceRequest:
@@ -557,10 +532,10 @@ def test_forward_with_an_unknown_adapter(stub, swarm) -> None:
 
 
 def test_session_with_an_unknown_adapter(stub, swarm) -> None:
-    with Stream(stub) as stream:
+    with Stream(stub, TIMEOUT) as stream:
         assert_refused(lambda: stream.send(open_session(swarm.model_id, adapter="nope")), Code.NOT_FOUND,
                        "adapter 'nope' is not loaded on this peer")
-    with Stream(stub) as stream:
+    with Stream(stub, TIMEOUT) as stream:
         assert stream.send(open_session(swarm.model_id)).cache_length == 0
         assert stream.send(session_step(randn(1, 3, HIDDEN))).cache_length == 3
 
@@ -576,7 +551,7 @@ def test_forward_with_the_run_adapter(stub, swarm, runs) -> None:
     assert max_diff(adapted, base) > 1e-4
     assert max_diff(forward(stub, swarm.model_id, x), base) == 0  # the base model is untouched
     assert max_diff(forward(stub, swarm.model_id, x, adapter="served"), adapted) == 0  # no dropout when serving
-    with Stream(stub) as stream:  # an inference session applies the same adapter
+    with Stream(stub, TIMEOUT) as stream:  # an inference session applies the same adapter
         stream.send(open_session(swarm.model_id, adapter="served"))
         reply = stream.send(session_step(x))
         assert max_diff(decode(reply.hidden_states), adapted) <= 1e-5
@@ -601,7 +576,7 @@ def test_close_training_without_keeping(stub, swarm, runs) -> None:
         assert_refused(call, Code.NOT_FOUND, "run 'gone' is not open on this peer")
     assert_refused(lambda: forward(stub, swarm.model_id, x, adapter="gone"), Code.NOT_FOUND,
                    "adapter 'gone' is not loaded on this peer")
-    with Stream(stub) as stream:
+    with Stream(stub, TIMEOUT) as stream:
         assert_refused(lambda: stream.send(open_session(swarm.model_id, adapter="gone")), Code.NOT_FOUND,
                        "adapter 'gone' is not loaded on this peer")
     assert_serves(stub, swarm.model_id)
@@ -619,7 +594,7 @@ def test_close_training_keeping_the_adapter(stub, swarm, runs) -> None:
     assert_refused(lambda: state_of(stub, "kept"), Code.NOT_FOUND, "run 'kept' is not open on this peer")
     assert_refused(lambda: train_forward(stub, "kept", "m"), Code.NOT_FOUND, "run 'kept' is not open")
     assert max_diff(forward(stub, swarm.model_id, x, adapter="kept"), adapted) == 0
-    with Stream(stub) as stream:
+    with Stream(stub, TIMEOUT) as stream:
         stream.send(open_session(swarm.model_id, adapter="kept"))
         assert max_diff(decode(stream.send(session_step(x)).hidden_states), adapted) <= 1e-5
     # opening training under the served adapter's name starts afresh (B zero again)

@@ -109,21 +109,9 @@ class BlockSpan(nn.Module):
         return (blocks or self.span.length) * batch_size * max_length * per_token
 
     @torch.inference_mode()
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: DynamicCache | None = None,
-        start: int | None = None,
-        end: int | None = None,
-    ) -> torch.Tensor:
-        """Runs global blocks [start, end) (default: the whole span).
-
-        `attention_mask` is the 2D padding mask of every token seen so far in the session, cached ones
-        included ([batch, past + new]); `position_ids` are the new tokens' positions ([batch, new]).
-        """
-        return self.run_blocks(hidden_states, attention_mask, position_ids, cache, start, end)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """`run_blocks` in inference mode: serving never records autograd."""
+        return self.run_blocks(*args, **kwargs)
 
     def run_blocks(
         self,
@@ -134,7 +122,11 @@ class BlockSpan(nn.Module):
         start: int | None = None,
         end: int | None = None,
     ) -> torch.Tensor:
-        """`forward` without inference mode: training runs this with autograd recording."""
+        """Runs global blocks [start, end) (default: the whole span); training calls it with autograd on.
+
+        `attention_mask` is the 2D padding mask of every token seen so far in the session, cached ones
+        included ([batch, past + new]); `position_ids` are the new tokens' positions ([batch, new]).
+        """
         start = self.span.start if start is None else start
         end = self.span.end if end is None else end
         first, last = start - self.span.start, end - self.span.start
