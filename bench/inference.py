@@ -35,7 +35,7 @@ import torch
 from tsotsa.client.model import SwarmModel
 from tsotsa.client.session import StepInputs
 from tsotsa.codec import encode
-from tsotsa.console import DTYPE_CHOICES, quiet_libraries
+from tsotsa.console import DTYPE_NAMES, parse_dtype, quiet_libraries
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.spans import QUANT_MODES
 from tsotsa.tiny_model import make_tiny_model
@@ -113,7 +113,7 @@ def build_or_reuse_model(args: argparse.Namespace, workdir: Path) -> Path:
         return args.model
     return make_tiny_model(
         workdir / "model", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
-        intermediate=args.intermediate, vocab=args.vocab, dtype=DTYPE_CHOICES[args.dtype],
+        intermediate=args.intermediate, vocab=args.vocab, dtype=parse_dtype(args.dtype),
     )
 
 
@@ -296,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N], for the baseline and the peers")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_CHOICES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     parser.add_argument("--quant", choices=QUANT_MODES, default="none")
     parser.add_argument("--peers", default="2,4", help="comma-separated peer counts to run")
     parser.add_argument("--threads", type=int, default=2,
@@ -314,7 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
     """Baseline, then every swarm configuration; returns (config, local result, swarm results by peers)."""
-    dtype = DTYPE_CHOICES[args.dtype]
+    dtype = parse_dtype(args.dtype)
     model_dir = build_or_reuse_model(args, workdir)
     local_model = load_local_model(model_dir, args.device, dtype, args.quant)
     config = local_model.config
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         config, local, swarms = run_all(args, workdir, stack)
 
     cache_length = args.prompt_tokens + args.new_tokens
-    per_hop = wire_bytes_per_hop(config.hidden_size, DTYPE_CHOICES[args.dtype], cache_length)
+    per_hop = wire_bytes_per_hop(config.hidden_size, parse_dtype(args.dtype), cache_length)
     wire = {peers: run.hops * per_hop for peers, run in swarms.items()}
     latency = {peers: hop_latency_ms(local, run) for peers, run in swarms.items()}
     print()

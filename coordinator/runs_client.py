@@ -13,7 +13,7 @@ import grpc
 
 from tsotsa.auth import ADMIN_METADATA
 from tsotsa.errors import SwarmError, TsotsaError
-from tsotsa.remote import describe_rpc_error, open_channel
+from tsotsa.rpc import describe_rpc_error, open_channel
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 

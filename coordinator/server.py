@@ -18,7 +18,7 @@ from tsotsa.checkpoint import HEAD_PREFIXES, Checkpoint
 from tsotsa.dht import start_dht
 from tsotsa.errors import TsotsaError
 from tsotsa.head import ModelHead
-from tsotsa.remote import GRPC_OPTIONS
+from tsotsa.rpc import GRPC_OPTIONS
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.coordinator.rejoin import PeerMemory, RememberingSwarm
 from tsotsa.coordinator.runs import RunManager

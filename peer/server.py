@@ -18,7 +18,8 @@ from tsotsa.auth import server_interceptors
 from tsotsa.checkpoint import Checkpoint, block_prefix, config_from_json
 from tsotsa.dht import ServerRecord, announce, find_servers, start_dht
 from tsotsa.errors import CheckpointError, TsotsaError
-from tsotsa.remote import GRPC_OPTIONS, CoordinatorClient, cached_checkpoint, default_cache_dir
+from tsotsa.remote import CoordinatorClient, cached_checkpoint, default_cache_dir
+from tsotsa.rpc import GRPC_OPTIONS
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc

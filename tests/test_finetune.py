@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from tsotsa.codec import decode, encode
 from tsotsa.coordinator.runs_client import RunsClient
 from tsotsa.errors import SwarmError
-from tsotsa.remote import open_channel
+from tsotsa.rpc import open_channel
 from tsotsa.training.export import read_adapter
 from tsotsa.training.lora import LoraSettings
 from tsotsa.v1 import tsotsa_pb2 as pb

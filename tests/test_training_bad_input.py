@@ -28,7 +28,7 @@ from tsotsa.codec import decode, encode
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.training import MAX_PENDING, TrainingRun
-from tsotsa.remote import open_channel
+from tsotsa.rpc import open_channel
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.training.lora import LoraSettings, OptimizerSettings
 from tsotsa.v1 import tsotsa_pb2 as pb

@@ -6,24 +6,30 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 
 from tsotsa.errors import TsotsaError
 
-DTYPE_CHOICES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def quiet_libraries() -> None:
-    """Keeps hivemind's and transformers' chatter (and progress bars) off a user's terminal."""
+    """Keeps hivemind's and transformers' chatter (and progress bars) off a user's terminal. Through the
+    variables they read at import where possible: a tool that never needs transformers never loads it."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
     logging.getLogger("hivemind").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
 
 
 def run_command(body: Callable[[], None]) -> None:
@@ -38,8 +44,9 @@ def run_command(body: Callable[[], None]) -> None:
         raise typer.Exit(130) from None
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPE_CHOICES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_CHOICES)}") from None
+def parse_dtype(name: str) -> "torch.dtype":
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
+    import torch  # here, not at the top: tools that only talk to servers start without torch
+
+    return getattr(torch, name)

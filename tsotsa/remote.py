@@ -15,37 +15,18 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
-from tsotsa.auth import with_token
 from tsotsa.checkpoint import Checkpoint, block_prefix
 from tsotsa.codec import DTYPES, decode, tensor_from_bytes
 from tsotsa.errors import SwarmError
+from tsotsa.rpc import describe_rpc_error, open_channel
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.enable_http_proxy", 0),
-]
 RPC_TIMEOUT = 30.0
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TSOTSA_CACHE", Path.home() / ".cache" / "tsotsa"))
-
-
-def describe_rpc_error(address: str, what: str, error: grpc.RpcError) -> SwarmError:
-    code = error.code() if hasattr(error, "code") else None
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return SwarmError(f"cannot reach {what} at {address} (is it running?)")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return SwarmError(f"{what} at {address} did not answer in time")
-    details = error.details() if hasattr(error, "details") else str(error)
-    return SwarmError(f"{what} at {address}: {code.name if code else 'error'}: {details}")
-
-
-def open_channel(address: str, token: str | None) -> grpc.Channel:
-    return with_token(grpc.insecure_channel(address, options=GRPC_OPTIONS), token)
 
 
 class CoordinatorClient:

@@ -24,7 +24,8 @@ from tsotsa.codec import decode, encode
 from tsotsa.dht import start_dht
 from tsotsa.errors import SwarmError
 from tsotsa.head import ModelHead
-from tsotsa.remote import CoordinatorClient, cached_checkpoint, default_cache_dir, describe_rpc_error
+from tsotsa.remote import CoordinatorClient, cached_checkpoint, default_cache_dir
+from tsotsa.rpc import describe_rpc_error
 from tsotsa.spans import position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 

@@ -11,7 +11,7 @@ from tsotsa.client.routing import Hop, plan_route
 from tsotsa.client.watchdog import Watchdog
 from tsotsa.dht import ServerRecord, find_servers
 from tsotsa.errors import SwarmError
-from tsotsa.remote import open_channel
+from tsotsa.rpc import open_channel
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 

@@ -13,8 +13,12 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -43,7 +47,9 @@ class LoraSettings:
                              f"{', '.join(LLAMA_LINEARS)}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
-    def peft_config(self, *, inference_mode: bool = False, base_model: str | None = None) -> LoraConfig:
+    def peft_config(self, *, inference_mode: bool = False, base_model: str | None = None) -> "LoraConfig":
+        from peft import LoraConfig  # here: the CLI reads these settings without loading peft and transformers
+
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
                           inference_mode=inference_mode, base_model_name_or_path=base_model)
