@@ -31,6 +31,7 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/inference.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

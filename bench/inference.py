@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
+from bench_model import add_model_arguments, build_or_reuse_model, model_summary
 from tsotsa.client.model import SwarmModel
 from tsotsa.client.session import StepInputs
 from tsotsa.codec import encode
 from tsotsa.console import DTYPE_NAMES, parse_dtype, quiet_libraries
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.spans import QUANT_MODES
-from tsotsa.tiny_model import make_tiny_model
 from tsotsa.v1 import tsotsa_pb2 as pb
 
 # Per message on an established stream: gRPC's 5-byte length prefix and HTTP/2's 9-byte DATA frame
@@ -104,17 +104,6 @@ class Measurement:
 
 
 # ------------------------------------------------------------------------------------------- the model
-
-
-def build_or_reuse_model(args: argparse.Namespace, workdir: Path) -> Path:
-    """A random-weight checkpoint in the real HF layout; written in the compute dtype so the swarm's head,
-    wire and blocks all use the dtype the baseline uses."""
-    if args.model is not None:
-        return args.model
-    return make_tiny_model(
-        workdir / "model", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
-        intermediate=args.intermediate, vocab=args.vocab, dtype=parse_dtype(args.dtype),
-    )
 
 
 def make_prompt(vocab: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -268,9 +257,7 @@ def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[i
         "hop_latency_ms": round(latency[first], 3),
         "tokens_match": all(run.tokens == local.tokens for run in swarms.values()),
         "repeats_stable": local.stable and all(run.stable for run in swarms.values()),
-        "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-        "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-        "intermediate": config.intermediate_size, "vocab": config.vocab_size,
+        **model_summary(config),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "device": args.device, "dtype": args.dtype, "quant": args.quant,
         "peer_threads": args.threads, "client_threads": torch.get_num_threads(),
@@ -284,14 +271,8 @@ def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="reuse this checkpoint instead of building one")
     parser.add_argument("--workdir", type=Path, help="where the checkpoint and caches go (default: a temp dir)")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(parser)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -315,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
     """Baseline, then every swarm configuration; returns (config, local result, swarm results by peers)."""
     dtype = parse_dtype(args.dtype)
-    model_dir = build_or_reuse_model(args, workdir)
+    model_dir = build_or_reuse_model(args, workdir, parse_dtype(args.dtype))
     local_model = load_local_model(model_dir, args.device, dtype, args.quant)
     config = local_model.config
     prompt = make_prompt(config.vocab_size, args.prompt_tokens)

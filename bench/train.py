@@ -18,10 +18,16 @@ exporting and pushing the adapters). The rate that includes the round ends, time
 shown too. The baseline trains one warm-up step, then times exactly the micro-batches of rounds 1.. (the
 same global micro-batch indices), so both sides process the same tokens. As in bench/inference.py, the
 baseline runs --repeats times first and once more after every swarm run and its best run counts: on a shared
-machine, load that comes and goes then hits both sides alike.
+machine, load that comes and goes then hits both sides alike. Still, run it on a quiet machine: with
+other work on 2 cores, a 2-thread process loses far more than its share (seen: the baseline 4x slower, the
+swarm, whose processes take turns, 2x), and a ratio above 1 then measures the load, not the swarm.
+
+Threads: the baseline uses torch's default (all cores); a peer uses cores / replicas (--threads): a pipeline
+computes on one peer at a time, so with 1 replica each peer may use every core, and with 2 replicas two
+pipelines compute at once; the coordinator (embedding, head, loss) uses torch's default, as in production.
 
     .venv/bin/python bench/train.py                       # 8 blocks x 1024, fp32 on CPU, 1 and 2 replicas
-    .venv/bin/python bench/train.py --layers 4 --hidden 256 --intermediate 688 --vocab 4000 --steps 1
+    .venv/bin/python bench/train.py --layers 4 --hidden 256 --intermediate 688 --vocab 4000 --seq-len 64
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import re
 import secrets
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import ExitStack
@@ -42,11 +49,11 @@ from pathlib import Path
 
 import torch
 
+from bench_model import add_model_arguments, build_or_reuse_model, model_summary
 from tsotsa.console import quiet_libraries
 from tsotsa.coordinator.data import collate, load_examples, micro_batches
 from tsotsa.coordinator.runs_client import RunsClient
 from tsotsa.local_swarm import LocalSwarm
-from tsotsa.tiny_model import make_tiny_model
 from tsotsa.training.export import initial_adapter
 from tsotsa.training.lora import LLAMA_LINEARS, LoraSettings, OptimizerSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -65,16 +72,6 @@ small team set out to make the best software in its field, measured, tested and 
 
 
 # ------------------------------------------------------------------------------------------- the inputs
-
-
-def build_or_reuse_model(args: argparse.Namespace, workdir: Path) -> Path:
-    """A random-weight float32 checkpoint in the real HF layout (training runs in float32 on both sides)."""
-    if args.model is not None:
-        return args.model
-    return make_tiny_model(
-        workdir / "model", layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
-        intermediate=args.intermediate, vocab=args.vocab, dtype=torch.float32,
-    )
 
 
 def write_rows(path: Path, tokenizer, rows: int, seq_len: int, seed: int = 0) -> Path:
@@ -192,6 +189,39 @@ class LocalBaseline:
         return rate
 
 
+class StallGuard:
+    """Stops the run when no event came for `timeout` seconds (a unit takes seconds): a run that waits for
+    pipelines that never form would otherwise hold the benchmark forever."""
+
+    def __init__(self, client: RunsClient, name: str, timeout: float) -> None:
+        self.client, self.name, self.timeout = client, name, timeout
+        self.stalled = False
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(1.0):
+            if time.monotonic() - self._last > self.timeout:
+                self.stalled = True
+                try:
+                    self.client.stop(self.name)  # the run ends, so does the watch stream
+                except Exception:
+                    pass
+                return
+
+    def __enter__(self) -> "StallGuard":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def even_spans(layers: int, parts: int) -> list[str]:
     """Contiguous spans covering [0, layers), sizes differing by at most one block."""
     if not 1 <= parts <= layers:
@@ -220,12 +250,16 @@ def measure_swarm(swarm: LocalSwarm, replicas: int, layers: int, data: Path, arg
         with RunsClient(swarm.coordinator_address, admin_token=swarm.admin_token) as client:
             client.create(name, run_config(args), data, None)
             round_ends: dict[int, float] = {}
-            for event in client.watch(name):
-                if event.kind == "round":
-                    round_ends[event.round] = time.perf_counter()
+            with StallGuard(client, name, args.stall_timeout) as guard:
+                for event in client.watch(name):
+                    guard.progress()
+                    if event.kind == "round":
+                        round_ends[event.round] = time.perf_counter()
             info = client.get(name)
-        if info.state != "finished":
-            raise RuntimeError(f"run {name} ended {info.state}: {info.message}")
+        if info.state != "finished" or guard.stalled:
+            why = f"no progress for {args.stall_timeout:.0f} s; " if guard.stalled else ""
+            raise RuntimeError(f"run {name} ended {info.state}: {why}{info.message}\n" +
+                               "\n".join(f"--- {peer.process.name}:\n{peer.process.output()}" for peer in started))
         measured = [r for r in info.rounds if r.round >= 1]
         result.tokens = sum(r.tokens for r in measured)
         result.seconds = sum(r.tokens / r.tokens_per_s for r in measured)
@@ -280,9 +314,7 @@ def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[i
         "tokens_measured": local.tokens,
         "tokens_match": all(run.tokens == local.tokens for run in swarms.values()),
         "local_runs_tok_s": [round(rate, 2) for rate in local.runs],
-        "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-        "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-        "intermediate": config.intermediate_size, "vocab": config.vocab_size,
+        **model_summary(config),
         "spans": args.spans, "rounds": args.rounds, "steps_per_round": args.steps,
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "seq_len": args.seq_len, "rows": args.rows,
         "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "targets": args.targets, "lr": args.lr,
@@ -297,14 +329,8 @@ def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="reuse this checkpoint instead of building one")
     parser.add_argument("--workdir", type=Path, help="where the checkpoint, data and caches go (default: a temp dir)")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads (no GQA)")
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(parser)
     parser.add_argument("--micro-batch", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--seq-len", type=int, default=128, help="the run's --seq-len; rows are 3/4 to all of it")
@@ -323,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per peer (default: cores / replicas: a pipeline computes on one "
                              "peer at a time, and the replicas' pipelines run at once)")
+    parser.add_argument("--stall-timeout", type=float, default=180.0,
+                        help="seconds without any run event after which a swarm run is stopped and the bench fails")
     parser.add_argument("--client-threads", type=int, default=None,
                         help="torch threads of this process, the baseline (default: torch's)")
     args = parser.parse_args(argv)
@@ -345,7 +373,7 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
     """Baseline, then every swarm configuration (a baseline run after each); returns (config, local, swarms)."""
     from transformers import AutoTokenizer
 
-    model_dir = build_or_reuse_model(args, workdir)
+    model_dir = build_or_reuse_model(args, workdir, torch.float32)
     data = write_rows(workdir / "train.jsonl", AutoTokenizer.from_pretrained(model_dir), args.rows, args.seq_len,
                       args.seed)
     baseline = LocalBaseline(model_dir, data, args)
@@ -387,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(local, swarms)
     print(f"tokens: non-padding tokens of rounds 1..{args.rounds - 1}, the same micro-batches on both sides "
           f"(match: {all(run.tokens == local.tokens for run in swarms.values())}); 'incl. ends' counts the "
-          f"rounds' ends too. Threads: the baseline uses {local.threads}; a peer uses cores / replicas (a "
+          f"rounds' ends too; ms/mbatch is seconds / micro-batches (replicas' pipelines overlap). Threads: the baseline uses {local.threads}; a peer uses cores / replicas (a "
           f"pipeline computes on one peer at a time); the coordinator (head, loss) uses torch's default. "
           f"Load average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (anything else running "
           f"skews the numbers)")

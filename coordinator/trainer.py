@@ -279,9 +279,10 @@ class RunDriver:
             tag = f"{index}.{micro_batch}"
             with torch.no_grad():
                 hidden = self.base.head.embed(input_ids)
-            for peer in pipeline:
+            for position, peer in enumerate(pipeline):
                 request = pb.TrainForwardRequest(run=spec.name, micro_batch=tag, attention_mask=encode(mask),
-                                                 hidden_states=encode(hidden, self.wire_dtype))
+                                                 hidden_states=encode(hidden, self.wire_dtype),
+                                                 no_input_grad=position == 0)
                 reply = self._call(peer, "TrainForward", request)
                 wire += request.ByteSize() + reply.ByteSize()
                 hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)

@@ -46,13 +46,16 @@ class TrainingRun:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable)
 
-    def forward(self, micro_batch: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, micro_batch: str, hidden: torch.Tensor, mask: torch.Tensor, input_grad: bool = True
+                ) -> torch.Tensor:
+        """`input_grad` False (the first span, whose input is the frozen embeddings): autograd skips the
+        gradient of the input, which nobody would read."""
         if micro_batch in self.pending:
             raise PeerError(grpc.StatusCode.ALREADY_EXISTS, f"micro-batch {micro_batch!r} is already forwarded")
         if len(self.pending) >= MAX_PENDING:
             raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"{MAX_PENDING} micro-batches await backward on this peer; backward or discard first")
-        inputs = hidden.to(self.span.device, self.span.dtype).detach().requires_grad_(True)
+        inputs = hidden.to(self.span.device, self.span.dtype).detach().requires_grad_(input_grad)
         mask = mask.to(self.span.device)
         rng_state = self._rng_state()
         if self.checkpointing:
@@ -71,6 +74,9 @@ class TrainingRun:
         if tuple(grad_output.shape) != tuple(kept.inputs.shape):
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"grad_output shape {list(grad_output.shape)} "
                             f"differs from the forwarded {list(kept.inputs.shape)}")
+        if want_grad_input and not kept.inputs.requires_grad:
+            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
+                            f"micro-batch {micro_batch!r} was forwarded with no_input_grad: no input gradient to give")
         del self.pending[micro_batch]
         outputs = kept.outputs
         if outputs is None:

@@ -100,7 +100,8 @@ class TrainingRpcs:
             raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{batch * length} tokens exceed this peer's limit "
                             f"of {self.limits.max_forward_tokens} per micro-batch")
         mask = self._decode_mask(request, batch, length)
-        output = self._on_runtime(lambda: run.forward(request.micro_batch, hidden, mask).to("cpu", hidden.dtype))
+        output = self._on_runtime(lambda: run.forward(request.micro_batch, hidden, mask, not request.no_input_grad)
+                                  .to("cpu", hidden.dtype))
         return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
 
     @refusals("TrainBackward")

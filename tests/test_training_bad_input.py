@@ -417,6 +417,22 @@ def test_bad_grad_output(stub, runs, case: str) -> None:
                    "micro-batch 'm' was not forwarded here")  # a micro-batch is backwarded once
 
 
+def test_no_input_grad_forward_has_no_input_gradient_to_give(stub, runs) -> None:
+    """The first span skips its input's gradient; its adapters' gradients are the same either way."""
+    runs("skip")
+    runs("full")
+    x, g = randn(2, 4, HIDDEN, seed=3), randn(2, 4, HIDDEN, seed=4)
+    train_forward(stub, "skip", "m", encode(x), no_input_grad=True)
+    assert_refused(lambda: train_backward(stub, "skip", "m", encode(g), want_grad_input=True),
+                   Code.FAILED_PRECONDITION, "no_input_grad")
+    assert state_of(stub, "skip").pending == 1  # the refusal kept the micro-batch
+    assert not train_backward(stub, "skip", "m", encode(g), want_grad_input=False).HasField("grad_input")
+    cycle(stub, "full", "m", x, g)
+    step(stub, "skip")
+    step(stub, "full")
+    assert_same_adapter(get_adapter(stub, "skip")[1], get_adapter(stub, "full")[1], atol=1e-7)
+
+
 def test_grad_input_only_when_wanted(stub, runs) -> None:
     runs("want")
     train_forward(stub, "want", "no", hidden(2, 5))

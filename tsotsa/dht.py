@@ -8,7 +8,7 @@ it, so a dead peer disappears from routes and the swarm map without anyone clean
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import hivemind
 from hivemind.utils import get_dht_time
@@ -37,6 +37,9 @@ class ServerRecord:
         value = asdict(self)
         value.pop("expires_at")
         return value
+
+
+RECORD_FIELDS = {f.name for f in fields(ServerRecord)} - {"expires_at"}
 
 
 def block_key(model_id: str, index: int) -> str:
@@ -98,10 +101,11 @@ def find_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> dict[str,
             value = item.value
             if not isinstance(value, dict):
                 continue
-            try:
-                record = ServerRecord(**value, expires_at=item.expiration_time)
+            try:  # fields a newer version added are dropped: an older reader still uses the record
+                record = ServerRecord(**{k: v for k, v in value.items() if k in RECORD_FIELDS},
+                                      expires_at=item.expiration_time)
             except TypeError:
-                continue  # a record from an incompatible version: ignore it rather than fail the lookup
+                continue  # a record missing fields this version needs: ignore it rather than fail the lookup
             known = servers.get(record.peer_id)
             if known is None or known.expires_at < record.expires_at:
                 servers[record.peer_id] = record

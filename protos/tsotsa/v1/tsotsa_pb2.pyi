@@ -198,16 +198,18 @@ class TrainingState(_message.Message):
     def __init__(self, run: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., trainable_parameters: _Optional[int] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., pending: _Optional[int] = ...) -> None: ...
 
 class TrainForwardRequest(_message.Message):
-    __slots__ = ("run", "micro_batch", "hidden_states", "attention_mask")
+    __slots__ = ("run", "micro_batch", "hidden_states", "attention_mask", "no_input_grad")
     RUN_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    NO_INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
     run: str
     micro_batch: str
     hidden_states: Tensor
     attention_mask: Tensor
-    def __init__(self, run: _Optional[str] = ..., micro_batch: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    no_input_grad: bool
+    def __init__(self, run: _Optional[str] = ..., micro_batch: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., no_input_grad: _Optional[bool] = ...) -> None: ...
 
 class TrainBackwardRequest(_message.Message):
     __slots__ = ("run", "micro_batch", "grad_output", "want_grad_input")
