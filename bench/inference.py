@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench_model import add_model_arguments, build_or_reuse_model, model_summary
+from bench_model import add_model_arguments, build_or_reuse_model, model_summary, print_rows
 from tsotsa.client.model import SwarmModel
 from tsotsa.client.session import StepInputs
 from tsotsa.codec import encode
@@ -233,12 +233,7 @@ def print_table(local: Measurement, swarms: dict[int, Measurement], wire: dict[i
         same = "match" if run.tokens == local.tokens else "DIFFER"
         rows.append((f"{run.name} ({run.hops} hops)", f"{run.tok_s:.2f}", f"{run.ms_per_token:.1f}",
                      f"{run.tok_s / local.tok_s:.2f}", str(wire[peers]), f"{latency[peers]:.2f}", same))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                        for i, (cell, width) in enumerate(zip(row, widths))))
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
+    print_rows(rows)
 
 
 def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[int, Measurement],

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from bench_model import add_model_arguments, build_or_reuse_model, model_summary
+from bench_model import add_model_arguments, build_or_reuse_model, model_summary, print_rows
 from tsotsa.console import quiet_libraries
 from tsotsa.coordinator.data import collate, load_examples, micro_batches
 from tsotsa.coordinator.runs_client import RunsClient
@@ -288,12 +288,7 @@ def print_table(local: Measurement, swarms: dict[int, Measurement]) -> None:
                      f"{run.seconds:.1f}", f"{run.tok_s:.1f}", f"{run.tok_s / local.tok_s:.2f}",
                      f"{run.wall_tok_s / local.tok_s:.2f}", f"{run.ms_per_micro_batch:.0f}",
                      f"{run.wire_bytes_per_token:.0f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                        for i, (cell, width) in enumerate(zip(row, widths))))
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
+    print_rows(rows)
 
 
 def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[int, Measurement]) -> dict:
