@@ -192,8 +192,10 @@ def _follow(client, name: str, rounds_total: int | None) -> None:
 def finetune(
     coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
     data: Path = typer.Option(..., "--data", help="Training data, JSONL: {\"text\"} or {\"prompt\", \"completion\"} "
-                                                  "per line."),
-    eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data (same format), scored each round."),
+                                                  "per line, or a Hugging Face datasets directory (its train split)."),
+    eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data (same formats; a datasets "
+                                                             "directory's validation or test split), scored each "
+                                                             "round."),
     name: str = typer.Option(..., "--name", help="The run's name (unique on the coordinator)."),
     rounds: int = typer.Option(3, help="Rounds; each ends with an aggregated, evaluated, saved adapter."),
     steps_per_round: int = typer.Option(10, help="Optimizer steps per round across the swarm."),
