@@ -207,7 +207,9 @@ def finetune(
     lora_dropout: float = typer.Option(0.0, help="LoRA dropout, in [0, 1)."),
     target_modules: str = typer.Option("q_proj,v_proj", help="Comma-separated Llama linears to adapt: q_proj, "
                                                              "k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate (the peak, with a schedule)."),
+    lr_schedule: str = typer.Option("constant", help="constant, linear or cosine decay over the run's steps."),
+    warmup_steps: int = typer.Option(0, help="Optimizer steps of linear warm-up from 0 to --lr."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     seed: int = typer.Option(0, help="Seed of the LoRA initialisation and the data order."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
@@ -242,6 +244,9 @@ def finetune(
             raise ValueError(f"--weight-decay must not be negative, not {weight_decay}")
         if seed < 0:
             raise ValueError(f"--seed must not be negative, not {seed}")
+        from tsotsa.training.schedule import check_schedule
+
+        check_schedule(lr_schedule, warmup_steps, rounds * steps_per_round)
         targets = [m.strip() for m in target_modules.split(",") if m.strip()]
         unknown = [m for m in targets if m not in LLAMA_LINEARS]
         if unknown or not targets:
@@ -253,6 +258,7 @@ def finetune(
                               grad_accum=grad_accum, seq_len=seq_len, lora_r=lora_r, lora_alpha=lora_alpha,
                               lora_dropout=lora_dropout, target_modules=list(dict.fromkeys(targets)), lr=lr,
                               weight_decay=weight_decay, seed=seed, gradient_checkpointing=gradient_checkpointing,
+                              lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                               out_dir=str(out) if out is not None else "")
         with RunsClient(coordinator, token=token, admin_token=admin_token) as client:
             info = client.create(name, config, data, eval_data)

@@ -21,6 +21,7 @@ from tsotsa.errors import TsotsaError
 from tsotsa.training.aggregate import blocks_of
 from tsotsa.training.export import read_adapter
 from tsotsa.training.lora import LoraSettings, OptimizerSettings
+from tsotsa.training.schedule import check_schedule
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.coordinator.runs import RunManager
@@ -170,8 +171,10 @@ def run_fields(config: pb.RunConfig) -> dict:
     if config.lr < 0 or config.weight_decay < 0:
         raise ValueError("lr and weight decay must not be negative")
     optimizer = OptimizerSettings(lr=config.lr or defaults.optimizer.lr, weight_decay=config.weight_decay)
+    schedule = config.lr_schedule or defaults.lr_schedule
+    check_schedule(schedule, config.warmup_steps, fields["rounds"] * fields["steps_per_round"])
     return {**fields, "lora": lora, "optimizer": optimizer, "gradient_checkpointing": config.gradient_checkpointing,
-            "out_dir": config.out_dir or None}
+            "lr_schedule": schedule, "warmup_steps": config.warmup_steps, "out_dir": config.out_dir or None}
 
 
 def _or_nan(value: float | None) -> float:

@@ -33,6 +33,7 @@ from tsotsa.head import ModelHead
 from tsotsa.training.aggregate import aggregate, blocks_of
 from tsotsa.training.export import initial_adapter, read_adapter, write_adapter
 from tsotsa.training.lora import LoraSettings, OptimizerSettings
+from tsotsa.training.schedule import learning_rate
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.coordinator.data import IGNORE_INDEX, Example, collate, load_examples, micro_batches
 from tsotsa.coordinator.pipelines import Pipeline, form_pipelines, uncovered_blocks
@@ -58,6 +59,15 @@ class RunSpec:
     lora: LoraSettings = field(default_factory=LoraSettings)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     gradient_checkpointing: bool = False
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.steps_per_round
+
+    def step_lr(self, step: int) -> float:
+        return learning_rate(step, self.optimizer.lr, self.lr_schedule, self.warmup_steps, self.total_steps)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "lora": self.lora.to_dict(), "optimizer": asdict(self.optimizer)}
@@ -300,8 +310,9 @@ class RunDriver:
             losses.append(loss.item())
             tokens += int(mask.sum())
         samples = len(unit) * spec.micro_batch
+        lr = spec.step_lr(unit[0] // spec.grad_accum)  # unit k of the run is its optimizer step k
         for peer in pipeline:
-            self._call(peer, "Step", pb.StepRequest(run=spec.name, samples=samples))
+            self._call(peer, "Step", pb.StepRequest(run=spec.name, samples=samples, lr=lr))
         with self._lock:
             progress.units_done += 1
             progress.samples += samples

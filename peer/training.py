@@ -91,7 +91,7 @@ class TrainingRun:
             raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"{len(self.pending)} micro-batches still await backward; no step before they do")
         for group in self.optimizer.param_groups:
-            group["lr"] = lr or self.optimizer_settings.lr
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1

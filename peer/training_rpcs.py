@@ -123,9 +123,10 @@ class TrainingRpcs:
     @refusals("Step")
     def Step(self, request: pb.StepRequest, context) -> pb.TrainingState:
         run = self._run(request.run)
-        if request.lr < 0:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "lr must not be negative")
-        self._on_runtime(lambda: run.step(request.samples, request.lr))
+        lr = request.lr if request.HasField("lr") else run.optimizer_settings.lr
+        if not (math.isfinite(lr) and lr >= 0):
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "lr must be a finite number, not negative")
+        self._on_runtime(lambda: run.step(request.samples, lr))
         return self._training_state(run)
 
     @refusals("Discard")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-from transformers import AutoTokenizer, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from tsotsa.coordinator.data import IGNORE_INDEX, collate, load_examples, micro_batches
 from tsotsa.training.export import initial_adapter
@@ -36,13 +36,16 @@ def peft_model(base_dir: Path, settings: LoraSettings) -> PeftModel:
 
 
 def train_locally(base_dir: Path, data: Path, settings: LoraSettings, *, steps: int, micro_batch: int,
-                  grad_accum: int, lr: float, seq_len: int) -> tuple[PeftModel, list[float]]:
-    """Per-step losses (mean over the step's micro-batches) of plain PEFT training, and the trained model."""
+                  grad_accum: int, lr: float, seq_len: int, warmup_steps: int | None = None
+                  ) -> tuple[PeftModel, list[float]]:
+    """Per-step losses (mean over the step's micro-batches) of plain PEFT training, and the trained model.
+    `warmup_steps` given: transformers' cosine schedule with that warm-up (the Trainer's), else a constant lr."""
     model = peft_model(base_dir, settings)
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     examples = load_examples(data, tokenizer, seq_len)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    scheduler = None if warmup_steps is None else get_cosine_schedule_with_warmup(optimizer, warmup_steps, steps)
     losses = []
     for step in range(steps):
         step_losses = []
@@ -54,6 +57,8 @@ def train_locally(base_dir: Path, data: Path, settings: LoraSettings, *, steps: 
             step_losses.append(loss.item())
         optimizer.step()
         optimizer.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(sum(step_losses) / len(step_losses))
     return model, losses
 

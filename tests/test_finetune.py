@@ -28,6 +28,7 @@ from finetune_oracle import eval_loss, train_locally, write_color_task
 
 ADMIN = "admin-secret"
 STEPS, MICRO_BATCH, GRAD_ACCUM, LR, SEQ_LEN = 5, 2, 2, 1e-2, 64
+SCHEDULE, WARMUP = "cosine", 1
 SETTINGS = LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"), seed=7)
 
 
@@ -62,16 +63,16 @@ def finish(client: RunsClient, name: str, timeout: float = 300.0) -> pb.RunInfo:
 
 @pytest.fixture(scope="module")
 def exact_run(swarm, data) -> pb.RunInfo:
-    """5 rounds of one optimizer step each: every round's train loss is one step's loss."""
+    """5 rounds of one optimizer step each (every round's train loss is one step's loss), cosine-scheduled."""
     with RunsClient(swarm.coordinator_address, admin_token=ADMIN) as client:
-        client.create("exact", run_config(), data, data)
+        client.create("exact", run_config(lr_schedule=SCHEDULE, warmup_steps=WARMUP), data, data)
         return finish(client, "exact")
 
 
 @pytest.fixture(scope="module")
 def oracle(tiny_model, data):
     return train_locally(tiny_model, data, SETTINGS, steps=STEPS, micro_batch=MICRO_BATCH, grad_accum=GRAD_ACCUM,
-                         lr=LR, seq_len=SEQ_LEN)
+                         lr=LR, seq_len=SEQ_LEN, warmup_steps=WARMUP)
 
 
 def test_losses_and_weights_match_single_process_peft(exact_run, oracle):
@@ -215,6 +216,7 @@ def test_cli_errors_are_one_line(swarm, tmp_path, data):
         (["--data", str(tmp_path / "missing.jsonl")], ADMIN, "error: "),
         (["--data", str(data), "--lora-r", "0"], ADMIN, "error: "),
         (["--data", str(data), "--target-modules", "lm_head"], ADMIN, "error: "),
+        (["--data", str(data), "--lr-schedule", "step"], ADMIN, "error: unknown learning-rate schedule 'step'"),
     ]:
         done = coordinator_cli("finetune", "--coordinator", address, "--name", "refused", *args, admin=admin)
         assert done.returncode == 1 and done.stderr.startswith(message), (args, done.stderr)

@@ -145,8 +145,10 @@ def cycle(stub, run: str, micro_batch: str, x: torch.Tensor, grad: torch.Tensor,
     return output, decode(reply.grad_input)
 
 
-def step(stub, run: str, samples: int = 1, lr: float = 0.0) -> pb.TrainingState:
-    return stub.Step(pb.StepRequest(run=run, samples=samples, lr=lr), timeout=TIMEOUT)
+def step(stub, run: str, samples: int = 1, lr: float | None = None) -> pb.TrainingState:
+    """One optimizer step at `lr` (None: the run's own)."""
+    request = pb.StepRequest(run=run, samples=samples) if lr is None else pb.StepRequest(run=run, samples=samples, lr=lr)
+    return stub.Step(request, timeout=TIMEOUT)
 
 
 def get_adapter(stub, run: str) -> tuple[pb.TrainingState, dict[str, torch.Tensor]]:
@@ -465,7 +467,8 @@ def test_step(stub, runs) -> None:
     state = step(stub, "step", samples=3, lr=5e-3)
     assert (state.steps, state.samples) == (2, 5)
     _, adapter = get_adapter(stub, "step")
-    assert_refused(lambda: step(stub, "step", lr=-1e-3), Code.INVALID_ARGUMENT, "lr must not be negative")
+    for bad in (-1e-3, float("nan"), float("inf")):
+        assert_refused(lambda: step(stub, "step", lr=bad), Code.INVALID_ARGUMENT, "lr must be a finite number")
     state, after = get_adapter(stub, "step")
     assert (state.steps, state.samples) == (2, 5)
     assert_same_adapter(adapter, after)

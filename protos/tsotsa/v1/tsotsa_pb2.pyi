@@ -370,7 +370,7 @@ class FetchChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., is_file: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("rounds", "steps_per_round", "micro_batch", "grad_accum", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay", "seed", "gradient_checkpointing", "out_dir")
+    __slots__ = ("rounds", "steps_per_round", "micro_batch", "grad_accum", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay", "seed", "gradient_checkpointing", "out_dir", "lr_schedule", "warmup_steps")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -385,6 +385,8 @@ class RunConfig(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     OUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     steps_per_round: int
     micro_batch: int
@@ -399,7 +401,9 @@ class RunConfig(_message.Message):
     seed: int
     gradient_checkpointing: bool
     out_dir: str
-    def __init__(self, rounds: _Optional[int] = ..., steps_per_round: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., seq_len: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., out_dir: _Optional[str] = ...) -> None: ...
+    lr_schedule: str
+    warmup_steps: int
+    def __init__(self, rounds: _Optional[int] = ..., steps_per_round: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., seq_len: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., out_dir: _Optional[str] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class CreateRunRequest(_message.Message):
     __slots__ = ("name", "config", "train_name", "train_data", "eval_name", "eval_data")
