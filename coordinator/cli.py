@@ -406,7 +406,7 @@ def export(
 
         from tsotsa.remote import CoordinatorClient
         from tsotsa.training.export import merge_adapter, write_adapter
-        from tsotsa.training.lora import LoraSettings
+        from tsotsa.training.lora import lora_from_spec
 
         if merge and (base is None or not base.is_dir()):
             raise ValueError("--merge needs --base, the base model's checkpoint directory")
@@ -415,8 +415,7 @@ def export(
         with CoordinatorClient(coordinator, token=token) as client:
             spec, tensors = client.adapter(run)
             info = client.model_info()
-        settings = LoraSettings(r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-                                target_modules=tuple(spec.target_modules))
+        settings = lora_from_spec(spec)
         if not merge:
             print(write_adapter(out, tensors, settings, info.model_id))
             return

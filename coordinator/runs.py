@@ -3,7 +3,6 @@ progress as events, stopping them, and resuming those a restart interrupted."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -12,11 +11,11 @@ from pathlib import Path
 from tsotsa.client.swarm import Swarm
 from tsotsa.errors import TsotsaError
 from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.training.lora import check_run_name
 from tsotsa.coordinator.data import parse_jsonl, tokenize
 from tsotsa.coordinator.store import RunRecord, RunStore, UNFINISHED_STATES
 from tsotsa.coordinator.trainer import BaseModel, RunDriver, RunSpec
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_EVENTS = 10_000  # per run: a watcher that joins late replays at most this many
 
 
@@ -63,8 +62,7 @@ class RunManager:
     def create(self, name: str, spec_fields: dict, train_name: str, train: bytes, eval_name: str,
                eval_data: bytes) -> RunRecord:
         """Checks the data (a bad file fails here, naming its line) and starts the run."""
-        if not RUN_NAME.fullmatch(name):
-            raise RunError(f"bad run name {name[:80]!r}: letters, digits, '.', '_', '-'; at most 64")
+        check_run_name(name)
         if self.store.get_run(name) is not None:
             raise RunError(f"a run named {name!r} exists already")
         seq_len = spec_fields["seq_len"]

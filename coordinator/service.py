@@ -20,7 +20,7 @@ from tsotsa.dht import find_servers
 from tsotsa.errors import TsotsaError
 from tsotsa.training.aggregate import blocks_of
 from tsotsa.training.export import read_adapter
-from tsotsa.training.lora import LoraSettings, OptimizerSettings
+from tsotsa.training.lora import LoraSettings, OptimizerSettings, lora_spec
 from tsotsa.training.schedule import check_schedule
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
@@ -122,8 +122,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run!r} has no completed round yet")
         tensors, lora = read_adapter(Path(checkpoint))
         end = request.end_block or self.checkpoint.config.num_hidden_layers
-        spec = pb.LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules))
-        return pb.AdapterTensors(run=request.run, lora=spec, tensors=[
+        return pb.AdapterTensors(run=request.run, lora=lora_spec(lora), tensors=[
             pb.NamedTensor(name=key, tensor=encode(tensor))
             for key, tensor in sorted(blocks_of(tensors, request.start_block, end).items())])
 
@@ -168,8 +167,6 @@ def run_fields(config: pb.RunConfig) -> dict:
     lora = LoraSettings(r=config.lora_r or defaults.lora.r, alpha=config.lora_alpha or defaults.lora.alpha,
                         dropout=config.lora_dropout, seed=config.seed,
                         target_modules=tuple(config.target_modules) or defaults.lora.target_modules)
-    if config.lr < 0 or config.weight_decay < 0:
-        raise ValueError("lr and weight decay must not be negative")
     optimizer = OptimizerSettings(lr=config.lr or defaults.optimizer.lr, weight_decay=config.weight_decay)
     schedule = config.lr_schedule or defaults.lr_schedule
     check_schedule(schedule, config.warmup_steps, fields["rounds"] * fields["steps_per_round"])

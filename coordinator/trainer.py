@@ -32,7 +32,7 @@ from tsotsa.errors import SwarmError
 from tsotsa.head import ModelHead
 from tsotsa.training.aggregate import aggregate, blocks_of
 from tsotsa.training.export import initial_adapter, read_adapter, write_adapter
-from tsotsa.training.lora import LoraSettings, OptimizerSettings
+from tsotsa.training.lora import LoraSettings, OptimizerSettings, lora_spec
 from tsotsa.training.schedule import learning_rate
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.coordinator.data import IGNORE_INDEX, Example, collate, load_examples, micro_batches
@@ -78,12 +78,6 @@ class RunSpec:
         return cls(**{**data, "lora": LoraSettings.from_dict(data["lora"]),
                       "optimizer": OptimizerSettings(**optimizer)})
 
-    def lora_spec(self) -> pb.LoraSpec:
-        lora, optimizer = self.lora, self.optimizer
-        return pb.LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules),
-                           seed=lora.seed, lr=optimizer.lr, weight_decay=optimizer.weight_decay,
-                           beta1=optimizer.betas[0], beta2=optimizer.betas[1], eps=optimizer.eps,
-                           gradient_checkpointing=self.gradient_checkpointing)
 
 
 @dataclass
@@ -256,7 +250,9 @@ class RunDriver:
         stub = self.swarm.stub(peer.address)
         timeout = self.swarm.step_timeout
         stub.OpenTraining(pb.OpenTrainingRequest(model_id=self.base.model_id, run=self.spec.name,
-                                                 lora=self.spec.lora_spec()), timeout=timeout)
+                                                 lora=lora_spec(self.spec.lora, self.spec.optimizer,
+                                                                self.spec.gradient_checkpointing)),
+                             timeout=timeout)
         tensors = [pb.NamedTensor(name=key, tensor=encode(tensor))
                    for key, tensor in sorted(blocks_of(self.adapter, peer.start, peer.end).items())]
         stub.SetAdapter(pb.SetAdapterRequest(run=self.spec.name, tensors=tensors), timeout=timeout)

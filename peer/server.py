@@ -23,7 +23,7 @@ from tsotsa.rpc import GRPC_OPTIONS
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
-from tsotsa.training.lora import LoraSettings
+from tsotsa.training.lora import lora_from_spec
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.selection import blocks_that_fit, choose_span
 from tsotsa.peer.service import PeerLimits, PeerService
@@ -90,8 +90,7 @@ def load_adapter(adapters: Adapters, client: CoordinatorClient, run: str, spec: 
     """A fine-tuning run's latest adapter for this span, from the coordinator, served under the run's name."""
     lora, tensors = client.adapter(run, spec.start, spec.end)
     try:
-        adapters.attach(run, LoraSettings(r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                          target_modules=tuple(lora.target_modules)))
+        adapters.attach(run, lora_from_spec(lora))
         adapters.load(run, tensors)
     except ValueError as error:
         raise TsotsaError(f"adapter of run {run!r} does not fit this peer: {error}") from None

@@ -9,19 +9,17 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 
 import grpc
 import torch
 
 from tsotsa.codec import FLOAT_DTYPES, WireError, decode, encode
-from tsotsa.training.lora import LoraSettings, OptimizerSettings
+from tsotsa.training.lora import check_run_name, lora_from_spec, optimizer_from_spec
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.peer.errors import PeerError
 from tsotsa.peer.training import TrainingRun
 
 logger = logging.getLogger(__name__)
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def refusals(what: str):
@@ -42,21 +40,6 @@ def refusals(what: str):
     return wrap
 
 
-def settings_from_spec(spec: pb.LoraSpec) -> tuple[LoraSettings, OptimizerSettings]:
-    try:
-        lora = LoraSettings(r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-                            target_modules=tuple(spec.target_modules), seed=spec.seed)
-    except ValueError as error:
-        raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-    numbers = (spec.lr, spec.weight_decay, spec.beta1, spec.beta2, spec.eps)
-    if (not all(math.isfinite(x) for x in numbers) or not spec.lr > 0 or spec.weight_decay < 0
-            or not (0 <= spec.beta1 < 1 and 0 <= spec.beta2 < 1) or not spec.eps > 0):
-        raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
-                        "optimizer settings need finite lr > 0, weight_decay >= 0, betas in [0, 1) and eps > 0")
-    return lora, OptimizerSettings(lr=spec.lr, weight_decay=spec.weight_decay, betas=(spec.beta1, spec.beta2),
-                                   eps=spec.eps)
-
-
 class TrainingRpcs:
     """Needs from the service: span, adapters, runs, model_id, _on_runtime, _decode_hidden, _decode_mask."""
 
@@ -65,10 +48,11 @@ class TrainingRpcs:
         if request.model_id != self.model_id:
             raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"this peer serves model {self.model_id}, not {request.model_id!r}")
-        if not RUN_NAME.fullmatch(request.run):
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"bad run name {request.run[:80]!r}: letters, digits, '.', '_', '-'; at most 64")
-        lora, optimizer = settings_from_spec(request.lora)
+        try:
+            check_run_name(request.run)
+            lora, optimizer = lora_from_spec(request.lora), optimizer_from_spec(request.lora)
+        except ValueError as error:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         checkpointing = request.lora.gradient_checkpointing
 
         def open_run() -> TrainingRun:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import asdict, dataclass, field
-
 from typing import TYPE_CHECKING
 
 import torch
+
+from tsotsa.v1 import tsotsa_pb2 as pb
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_RANK = 1024  # a low-rank adapter; a larger rank is a mistake, and could exhaust a peer's memory
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a run names its adapter on every peer
 PEFT_BLOCK_PREFIX = "base_model.model.model.layers."  # keys of PEFT's adapter_model.safetensors for LlamaForCausalLM
 
 
@@ -70,6 +73,38 @@ class OptimizerSettings:
     weight_decay: float = 0.0
     betas: tuple[float, float] = field(default=(0.9, 0.999))
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        numbers = (self.lr, self.weight_decay, *self.betas, self.eps)
+        if (not all(math.isfinite(x) for x in numbers) or not self.lr > 0 or self.weight_decay < 0
+                or not all(0 <= beta < 1 for beta in self.betas) or not self.eps > 0):
+            raise ValueError("optimizer settings need finite lr > 0, weight_decay >= 0, betas in [0, 1) and eps > 0")
+
+
+def check_run_name(name: str) -> None:
+    if not RUN_NAME.fullmatch(name):
+        raise ValueError(f"bad run name {name[:80]!r}: letters, digits, '.', '_', '-'; at most 64")
+
+
+def lora_spec(lora: LoraSettings, optimizer: OptimizerSettings | None = None,
+              gradient_checkpointing: bool = False) -> pb.LoraSpec:
+    """The wire form of a run's adapter settings (and, for training, its optimizer's)."""
+    spec = pb.LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules),
+                       seed=lora.seed, gradient_checkpointing=gradient_checkpointing)
+    if optimizer is not None:
+        spec.lr, spec.weight_decay, spec.eps = optimizer.lr, optimizer.weight_decay, optimizer.eps
+        spec.beta1, spec.beta2 = optimizer.betas
+    return spec
+
+
+def lora_from_spec(spec: pb.LoraSpec) -> LoraSettings:
+    """ValueError for settings out of range: the wire is not trusted."""
+    return LoraSettings(r=spec.r, alpha=spec.alpha, dropout=spec.dropout, target_modules=tuple(spec.target_modules),
+                        seed=spec.seed)
+
+
+def optimizer_from_spec(spec: pb.LoraSpec) -> OptimizerSettings:
+    return OptimizerSettings(lr=spec.lr, weight_decay=spec.weight_decay, betas=(spec.beta1, spec.beta2), eps=spec.eps)
 
 
 def adapter_key(block: int, module_path: str, part: str) -> str:
