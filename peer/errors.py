@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import grpc
+
+logger = logging.getLogger(__name__)
 
 
 class PeerError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def refusals(what: str):
+    """A PeerError becomes its status; anything else INTERNAL, logged. The peer keeps serving either way."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, request, context: grpc.ServicerContext):
+            try:
+                return method(self, request, context)
+            except PeerError as error:
+                context.abort(error.code, error.message)
+            except Exception as error:
+                logger.exception("%s failed", what)
+                context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {error}")
+        return guarded
+
+    return wrap

@@ -23,10 +23,10 @@ from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
-from tsotsa.peer.errors import PeerError
+from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.sessions import Session, SessionTable
 from tsotsa.peer.training import TrainingRun
-from tsotsa.peer.training_rpcs import TrainingRpcs, refusals
+from tsotsa.peer.training_rpcs import TrainingRpcs
 
 logger = logging.getLogger(__name__)
 INDEX_DTYPES = ("int64", "int32")
@@ -166,10 +166,13 @@ class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
         session.attention_mask = mask
         return encode(output, hidden.dtype)
 
-    def _check_model_and_blocks(self, model_id: str, start: int, end: int) -> None:
+    def _check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
             raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
                             f"this peer serves model {self.model_id}, not {model_id!r}")
+
+    def _check_model_and_blocks(self, model_id: str, start: int, end: int) -> None:
+        self._check_model(model_id)
         num_blocks = self.num_model_blocks
         if not start < end:
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"empty block range {start}:{end}")

@@ -6,8 +6,6 @@ inference does: training and serving share the blocks and take turns on them.
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 
 import grpc
@@ -16,38 +14,15 @@ import torch
 from tsotsa.codec import FLOAT_DTYPES, WireError, decode, encode
 from tsotsa.training.lora import check_run_name, lora_from_spec, optimizer_from_spec
 from tsotsa.v1 import tsotsa_pb2 as pb
-from tsotsa.peer.errors import PeerError
+from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.training import TrainingRun
 
-logger = logging.getLogger(__name__)
-
-
-def refusals(what: str):
-    """A PeerError becomes its status; anything else INTERNAL, logged. The peer keeps serving either way."""
-
-    def wrap(method):
-        @functools.wraps(method)
-        def guarded(self, request, context: grpc.ServicerContext):
-            try:
-                return method(self, request, context)
-            except PeerError as error:
-                context.abort(error.code, error.message)
-            except Exception as error:
-                logger.exception("%s failed", what)
-                context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {error}")
-        return guarded
-
-    return wrap
-
-
 class TrainingRpcs:
-    """Needs from the service: span, adapters, runs, model_id, _on_runtime, _decode_hidden, _decode_mask."""
+    """Needs from the service: span, adapters, runs, _check_model, _on_runtime, _decode_hidden, _decode_mask."""
 
     @refusals("OpenTraining")
     def OpenTraining(self, request: pb.OpenTrainingRequest, context) -> pb.TrainingState:
-        if request.model_id != self.model_id:
-            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"this peer serves model {self.model_id}, not {request.model_id!r}")
+        self._check_model(request.model_id)
         try:
             check_run_name(request.run)
             lora, optimizer = lora_from_spec(request.lora), optimizer_from_spec(request.lora)
