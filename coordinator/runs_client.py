@@ -12,20 +12,10 @@ from pathlib import Path
 import grpc
 
 from tsotsa.auth import ADMIN_METADATA
-from tsotsa.errors import SwarmError, TsotsaError
-from tsotsa.rpc import describe_rpc_error, open_channel
+from tsotsa.errors import TsotsaError
+from tsotsa.rpc import describe_refusal, open_channel
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
-
-# Errors about the request whose details the server writes for people: shown as they are.
-_SERVER_WORDED = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.UNAUTHENTICATED,
-}
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -74,42 +64,29 @@ class RunsClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _error(self, error: grpc.RpcError) -> SwarmError:
-        code = error.code() if hasattr(error, "code") else None
-        if code in _SERVER_WORDED:
-            details = error.details() if hasattr(error, "details") else None
-            return SwarmError(details or f"coordinator at {self.address}: {code.name}")
-        return describe_rpc_error(self.address, "coordinator", error)
+    def _call(self, method: str, request, admin: bool = False):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._admin if admin else None)
+        except grpc.RpcError as error:
+            raise describe_refusal(self.address, "coordinator", error) from None
 
     def create(self, name: str, config: pb.RunConfig, train: Path, eval: Path | None) -> pb.RunInfo:
         """Launches run NAME on TRAIN (and EVAL): JSONL files, or `datasets` directories (`save_to_disk`) sent
         as JSONL; everything is read before any call."""
         train_name, train_data = _load(train, "training data", ("train",))
         eval_name, eval_data = _load(eval, "evaluation data", _EVAL_SPLITS) if eval is not None else ("", b"")
-        request = pb.CreateRunRequest(name=name, config=config, train_name=train_name, train_data=train_data,
-                                      eval_name=eval_name, eval_data=eval_data)
-        try:
-            return self._stub.CreateRun(request, timeout=self.timeout, metadata=self._admin)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
+        return self._call("CreateRun", pb.CreateRunRequest(name=name, config=config, train_name=train_name,
+                                                           train_data=train_data, eval_name=eval_name,
+                                                           eval_data=eval_data), admin=True)
 
     def stop(self, name: str) -> pb.RunInfo:
-        try:
-            return self._stub.StopRun(pb.RunRequest(name=name), timeout=self.timeout, metadata=self._admin)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
+        return self._call("StopRun", pb.RunRequest(name=name), admin=True)
 
     def get(self, name: str) -> pb.RunInfo:
-        try:
-            return self._stub.GetRun(pb.RunRequest(name=name), timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
+        return self._call("GetRun", pb.RunRequest(name=name))
 
     def list(self) -> list[pb.RunInfo]:
-        try:
-            return list(self._stub.ListRuns(pb.ListRunsRequest(), timeout=self.timeout).runs)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
+        return list(self._call("ListRuns", pb.ListRunsRequest()).runs)
 
     def watch(self, name: str) -> Iterator[pb.RunEvent]:
         """The run's events as they happen, until the run ends; leaving the loop early cancels the stream."""
@@ -120,7 +97,7 @@ class RunsClient:
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED and call is not None and call.cancelled():
                 return
-            raise self._error(error) from None
+            raise describe_refusal(self.address, "coordinator", error) from None
         finally:
             if call is not None:
                 call.cancel()

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tsotsa.checkpoint import Checkpoint, block_prefix
 from tsotsa.codec import DTYPES, decode, tensor_from_bytes
 from tsotsa.errors import SwarmError
-from tsotsa.rpc import describe_rpc_error, open_channel
+from tsotsa.rpc import describe_refusal, describe_rpc_error, open_channel
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
@@ -62,9 +62,7 @@ class CoordinatorClient:
             reply = self._stub.GetAdapter(pb.AdapterRequest(run=run, start_block=start, end_block=end),
                                           timeout=max(self.timeout, 120.0))
         except grpc.RpcError as error:
-            if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                raise SwarmError(error.details()) from None
-            raise describe_rpc_error(self.address, "coordinator", error) from None
+            raise describe_refusal(self.address, "coordinator", error) from None
         return reply.lora, {item.name: decode(item.tensor, what=item.name, ndim=2) for item in reply.tensors}
 
     def fetch(self, model_id: str, prefixes: list[str], files: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:

@@ -27,5 +27,21 @@ def describe_rpc_error(address: str, what: str, error: grpc.RpcError) -> SwarmEr
     return SwarmError(f"{what} at {address}: {code.name if code else 'error'}: {details}")
 
 
+# Refusals whose details the server writes for people (bad data, an unknown run, a missing token, ...).
+SERVER_WORDED = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED,
+})
+
+
+def describe_refusal(address: str, what: str, error: grpc.RpcError) -> SwarmError:
+    """`describe_rpc_error`, except that a refusal the server worded for people is shown in its own words."""
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else None
+    if code in SERVER_WORDED and details:
+        return SwarmError(details)
+    return describe_rpc_error(address, what, error)
+
+
 def open_channel(address: str, token: str | None) -> grpc.Channel:
     return with_token(grpc.insecure_channel(address, options=GRPC_OPTIONS), token)
