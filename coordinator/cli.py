@@ -154,20 +154,11 @@ def _follow(client, name: str, rounds_total: int | None) -> None:
                     progress.update(tasks[event.round], completed=event.steps_done,
                                     total=event.steps_total or None, **fields)
                 elif event.kind == "round":
-                    train_loss, eval_loss, tokens_per_s = event.loss, event.eval_loss, event.tokens_per_s
-                    samples, checkpoint = "?", "?"
-                    try:
-                        record = next((r for r in client.get(name).rounds if r.round == event.round), None)
-                    except SwarmError:
-                        record = None
-                    if record is not None:
-                        train_loss, eval_loss, tokens_per_s = record.train_loss, record.eval_loss, record.tokens_per_s
-                        samples, checkpoint = str(record.samples), record.checkpoint or "-"
                     if event.round in tasks:
                         progress.update(tasks[event.round], completed=totals[event.round] or 1,
                                         total=totals[event.round] or 1)
-                    emit(f"round {event.round + 1}: train loss {_loss(train_loss)}, eval loss {_loss(eval_loss)}, "
-                         f"{samples} samples, {tokens_per_s:.1f} tok/s, checkpoint {checkpoint}")
+                    emit(f"round {event.round + 1}: train loss {_loss(event.loss)}, eval loss {_loss(event.eval_loss)}, "
+                         f"{event.samples} samples, {event.tokens_per_s:.1f} tok/s, checkpoint {event.checkpoint}")
                 elif event.kind == "state":
                     emit(_state_line(name, event.state, event.message))
     except KeyboardInterrupt:

@@ -211,8 +211,8 @@ class RunDriver:
         )
         self.emit(pb.RunEvent(kind="round", round=index, steps_done=spec.steps_per_round,
                               steps_total=spec.steps_per_round, loss=train_loss, tokens_per_s=tokens_per_s or 0.0,
-                              eval_loss=math.nan if eval_loss is None else eval_loss,
-                              peers=[peer.peer_id for peer, _, _ in replicas], message=str(checkpoint)))
+                              eval_loss=math.nan if eval_loss is None else eval_loss, samples=progress.samples,
+                              peers=[peer.peer_id for peer, _, _ in replicas], checkpoint=str(checkpoint)))
 
     # ------------------------------------------------------------- pipelines
 

@@ -478,7 +478,7 @@ class RunList(_message.Message):
     def __init__(self, runs: _Optional[_Iterable[_Union[RunInfo, _Mapping]]] = ...) -> None: ...
 
 class RunEvent(_message.Message):
-    __slots__ = ("kind", "round", "steps_done", "steps_total", "loss", "tokens_per_s", "peers", "state", "message", "eval_loss")
+    __slots__ = ("kind", "round", "steps_done", "steps_total", "loss", "tokens_per_s", "peers", "state", "message", "eval_loss", "samples", "checkpoint")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -489,6 +489,8 @@ class RunEvent(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     kind: str
     round: int
     steps_done: int
@@ -499,7 +501,9 @@ class RunEvent(_message.Message):
     state: str
     message: str
     eval_loss: float
-    def __init__(self, kind: _Optional[str] = ..., round: _Optional[int] = ..., steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., peers: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., eval_loss: _Optional[float] = ...) -> None: ...
+    samples: int
+    checkpoint: str
+    def __init__(self, kind: _Optional[str] = ..., round: _Optional[int] = ..., steps_done: _Optional[int] = ..., steps_total: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., peers: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., eval_loss: _Optional[float] = ..., samples: _Optional[int] = ..., checkpoint: _Optional[str] = ...) -> None: ...
 
 class AdapterRequest(_message.Message):
     __slots__ = ("run", "start_block", "end_block")
