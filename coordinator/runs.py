@@ -12,7 +12,7 @@ from tsotsa.client.swarm import Swarm
 from tsotsa.errors import TsotsaError
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.training.lora import check_run_name
-from tsotsa.coordinator.data import parse_jsonl, tokenize
+from tsotsa.coordinator.data import Example, parse_jsonl, tokenize
 from tsotsa.coordinator.store import RunRecord, RunStore, UNFINISHED_STATES
 from tsotsa.coordinator.trainer import BaseModel, RunDriver, RunSpec
 
@@ -65,11 +65,8 @@ class RunManager:
         check_run_name(name)
         if self.store.get_run(name) is not None:
             raise RunError(f"a run named {name!r} exists already")
-        seq_len = spec_fields["seq_len"]
-        tokenize(parse_jsonl(train, train_name or "train data"), self.base.tokenizer, seq_len, train_name or "train data")
-        if eval_data:
-            tokenize(parse_jsonl(eval_data, eval_name or "eval data"), self.base.tokenizer, seq_len,
-                     eval_name or "eval data")
+        examples = (self._tokenize(train, train_name or "train data", spec_fields["seq_len"]),
+                    self._tokenize(eval_data, eval_name or "eval data", spec_fields["seq_len"]) if eval_data else [])
         run_dir = self.state_dir / "runs" / name
         out_dir = Path(spec_fields.pop("out_dir", None) or run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +83,7 @@ class RunManager:
         except TsotsaError:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        self._start(spec)
+        self._start(spec, examples)
         return record
 
     def resume_unfinished(self) -> list[str]:
@@ -127,9 +124,12 @@ class RunManager:
         for driver in self.drivers.values():
             driver.join(timeout)
 
-    def _start(self, spec: RunSpec) -> None:
+    def _tokenize(self, data: bytes, name: str, seq_len: int) -> list[Example]:
+        return tokenize(parse_jsonl(data, name), self.base.tokenizer, seq_len, name)
+
+    def _start(self, spec: RunSpec, examples: tuple[list[Example], list[Example]] | None = None) -> None:
         log = EventLog()
-        driver = RunDriver(spec, self.store, self.base, self.swarm, log.emit)
+        driver = RunDriver(spec, self.store, self.base, self.swarm, log.emit, examples)
         with self._lock:
             self.drivers[spec.name], self.logs[spec.name] = driver, log
         driver.start()

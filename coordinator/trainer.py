@@ -123,9 +123,13 @@ class RunDriver:
     """Runs one run from its first unfinished round to the end; `stop` ends it between units."""
 
     def __init__(self, spec: RunSpec, store: RunStore, base: BaseModel, swarm: Swarm,
-                 emit: Callable[[pb.RunEvent], None]) -> None:
+                 emit: Callable[[pb.RunEvent], None], data: tuple[list[Example], list[Example]] | None = None
+                 ) -> None:
+        """`data`: the training and eval examples when the caller has them already (a new run, checked at
+        creation); a resumed run reads them back from its files."""
         self.spec, self.store, self.base, self.swarm, self.emit = spec, store, base, swarm, emit
         self.stop_requested = threading.Event()
+        self._data = data
         self.examples: list[Example] = []
         self.eval_examples: list[Example] = []
         self.adapter: dict[str, torch.Tensor] = {}
@@ -157,9 +161,7 @@ class RunDriver:
     def run(self) -> None:
         name = self.spec.name
         try:
-            self.examples = load_examples(Path(self.spec.train_file), self.base.tokenizer, self.spec.seq_len)
-            if self.spec.eval_file:
-                self.eval_examples = load_examples(Path(self.spec.eval_file), self.base.tokenizer, self.spec.seq_len)
+            self.examples, self.eval_examples = self._data or self._read_data()
             done = self.store.get_run(name).rounds_done
             last = self.store.last_checkpoint(name)
             self.adapter = (read_adapter(Path(last))[0] if done and last
@@ -176,6 +178,11 @@ class RunDriver:
         except Exception as error:  # the run fails; the coordinator goes on serving
             logger.exception("run %s failed", name)
             self._set_state("failed", str(error) or type(error).__name__)
+
+    def _read_data(self) -> tuple[list[Example], list[Example]]:
+        spec, tokenizer = self.spec, self.base.tokenizer
+        train = load_examples(Path(spec.train_file), tokenizer, spec.seq_len)
+        return train, load_examples(Path(spec.eval_file), tokenizer, spec.seq_len) if spec.eval_file else []
 
     def _round(self, index: int) -> None:
         spec = self.spec
