@@ -33,8 +33,8 @@ ALLOWED_PREFIXES = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_h
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, checkpoint: Checkpoint, model_id: str, dht: hivemind.DHT, runs: RunManager | None = None,
-                 admin_token: str | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint, model_id: str, dht: hivemind.DHT, runs: RunManager,
+                 admin_token: str | None) -> None:
         self.checkpoint, self.model_id, self.dht, self.runs = checkpoint, model_id, dht, runs
         self.admin_token = admin_token
         self.config_json = (checkpoint.directory / "config.json").read_text()
@@ -127,15 +127,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             for key, tensor in sorted(blocks_of(tensors, request.start_block, end).items())])
 
     def _require_admin(self, context: grpc.ServicerContext) -> None:
-        if self.runs is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this coordinator does not run fine-tuning")
         refusal = admin_refusal(self.admin_token, context)
         if refusal is not None:
             context.abort(*refusal)
 
     def _known_run(self, name: str, context: grpc.ServicerContext, action) -> RunRecord:
-        if self.runs is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this coordinator does not run fine-tuning")
         try:
             return action(name)
         except KeyError:
