@@ -107,6 +107,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
                            ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(sum of the loss over the label tokens, their count): eval losses are token-weighted over a whole set."""
+    return causal_lm_loss(logits, labels, reduction="sum").item(), int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 @dataclass
 class RoundProgress:
     units_done: int = 0
@@ -408,8 +413,8 @@ class RunDriver:
                                                 end_block=peer.end, hidden_states=encode(hidden, self.wire_dtype),
                                                 attention_mask=encode(mask), adapter=self.spec.name)
                     hidden = decode(self._call(peer, "Forward", request).hidden_states, what="hidden_states", ndim=3)
-                total += causal_lm_loss(self.base.head.logits(hidden), labels, reduction="sum").item()
-                count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+                loss_sum, tokens = summed_loss(self.base.head.logits(hidden), labels)
+                total, count = total + loss_sum, count + tokens
         return total / count
 
     def _close_on_peers(self) -> None:

@@ -151,13 +151,13 @@ def swarm_eval_loss(model, examples, adapter: str | None) -> float:
     """Token-weighted mean loss over `examples` through the swarm, as the coordinator scores a round."""
     import torch
 
-    from tsotsa.coordinator.data import IGNORE_INDEX, collate
-    from tsotsa.coordinator.trainer import causal_lm_loss
+    from tsotsa.coordinator.data import collate
+    from tsotsa.coordinator.trainer import summed_loss
 
     input_ids, mask, labels = collate(examples, model.config.pad_token_id or 0)
     with torch.inference_mode():
-        logits = model.forward(input_ids, mask, adapter=adapter)
-    return causal_lm_loss(logits, labels, reduction="sum").item() / int((labels[:, 1:] != IGNORE_INDEX).sum())
+        total, count = summed_loss(model.forward(input_ids, mask, adapter=adapter), labels)
+    return total / count
 
 
 def fine_tune(address: str, env: dict[str, str], client_cache: Path) -> dict[str, object]:
