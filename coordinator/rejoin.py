@@ -23,6 +23,7 @@ MAX_REMEMBERED = 64
 class PeerMemory:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._saved: list[str] = []
 
     def load(self) -> list[str]:
         try:
@@ -32,11 +33,12 @@ class PeerMemory:
 
     def save(self, servers: list[ServerRecord]) -> None:
         addresses = sorted({address for server in servers for address in server.dht_addresses})[:MAX_REMEMBERED]
-        if not addresses:
-            return  # an empty swarm says nothing new: keep the last known addresses
+        if not addresses or addresses == self._saved:
+            return  # an empty swarm says nothing new (keep the last known addresses); an unchanged one neither
         partial = self.path.with_suffix(".partial")
         partial.write_text("\n".join(addresses) + "\n")
         os.replace(partial, self.path)
+        self._saved = addresses
 
     def keep_updated(self, swarm: "RememberingSwarm", stop: threading.Event, interval: float = 5.0
                      ) -> threading.Thread:
