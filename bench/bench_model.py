@@ -1,5 +1,5 @@
-"""What the benchmarks share: the model-shape flags, the random checkpoint they build, its summary, and
-the plain-text table they print."""
+"""The model the benchmarks run: its shape flags, the random checkpoint they build, and how they describe it
+(how they run and report: common.py)."""
 
 from __future__ import annotations
 
@@ -32,17 +32,14 @@ def build_or_reuse_model(args: argparse.Namespace, workdir: Path, dtype: torch.d
     )
 
 
+def describe_model(model_dir: Path, config) -> str:
+    """The start of a benchmark's first line."""
+    return (f"model {model_dir}: {config.num_hidden_layers} blocks x {config.hidden_size}, "
+            f"vocab {config.vocab_size}")
+
+
 def model_summary(config) -> dict:
+    """The model's keys of the JSON line."""
     return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
             "kv_heads": config.num_key_value_heads, "intermediate": config.intermediate_size,
             "vocab": config.vocab_size}
-
-
-def print_rows(rows: list[tuple[str, ...]]) -> None:
-    """A header row, a rule, then the rows; the first column left-aligned, the others right-aligned."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
-                        for i, (cell, width) in enumerate(zip(row, widths))))
-        if index == 0:
-            print("  ".join("-" * width for width in widths))

@@ -7,9 +7,9 @@ and prints, per configuration: tok/s, the ratio to the baseline, wire bytes per 
 latency one hop adds. The last line is one JSON object, for scripts.
 
 Decode rate = (new tokens - 1) / (time of the last token - time of the first token): the prefill (the
-prompt's forward and the first token) is excluded for both sides, the same definition as
-`SwarmModel.last_generate_stats["tokens_per_s"]`. Each configuration runs once to warm up, then
---repeats times, and the best run counts (the least disturbed by the rest of the machine). The baseline
+prompt's forward and the first token) is excluded for both sides, the same definition as the
+`GenerationStats.tokens_per_s` that `SwarmModel.generate(..., return_stats=True)` reports. Each
+configuration runs once to warm up, then --repeats times, and the best run counts (the least disturbed by the rest of the machine). The baseline
 runs --repeats times first and once more after every swarm run: on a shared machine, load that comes and
 goes then hits both sides alike (without this, one busy minute made the baseline look 3x slower).
 
@@ -20,10 +20,8 @@ goes then hits both sides alike (without this, one busy minute made the baseline
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -32,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from bench_model import add_model_arguments, build_or_reuse_model, model_summary, print_rows
+from bench_model import build_or_reuse_model, describe_model, model_summary
+from common import bench_parser, counts, even_spans, machine_load, report, run_in_workdir, running_peers, start_swarm
 from tsotsa.client.model import SwarmModel
 from tsotsa.client.session import StepInputs
 from tsotsa.codec import encode
-from tsotsa.console import DTYPE_NAMES, parse_dtype, quiet_libraries
+from tsotsa.console import DTYPE_NAMES, parse_dtype
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.spans import QUANT_MODES
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -90,7 +89,7 @@ class Measurement:
     tokens: list[int] = field(default_factory=list)
     stable: bool = True        # every repeat produced the same tokens
     hops: int = 0
-    reported_tok_s: float = 0.0  # SwarmModel's own last_generate_stats, as a cross-check
+    reported_tok_s: float = 0.0  # SwarmModel's own GenerationStats, as a cross-check
 
     def add(self, tok_s: float, tokens: list[int]) -> None:
         if self.tokens and tokens != self.tokens:
@@ -155,14 +154,6 @@ class LocalBaseline:
         return clock.decode_tokens_per_s
 
 
-def even_spans(layers: int, peers: int) -> list[str]:
-    """Contiguous spans covering [0, layers), sizes differing by at most one block."""
-    if not 1 <= peers <= layers:
-        raise ValueError(f"cannot split {layers} blocks over {peers} peers")
-    bounds = [round(i * layers / peers) for i in range(peers + 1)]
-    return [f"{bounds[i]}:{bounds[i + 1]}" for i in range(peers)]
-
-
 def measure_swarm(swarm: LocalSwarm, peers: int, layers: int, peer_args: list[str], prompt: torch.Tensor,
                   new_tokens: int, repeats: int, cache_dir: Path, wire_dtype: torch.dtype,
                   local: LocalBaseline) -> Measurement:
@@ -173,23 +164,20 @@ def measure_swarm(swarm: LocalSwarm, peers: int, layers: int, peer_args: list[st
     (the previous ones announced `draining` when stopped, and routes skip draining peers).
     eos_token_id=-1 plays the role of min_new_tokens: every run yields exactly `new_tokens` tokens.
     """
-    started = swarm.add_peers(even_spans(layers, peers), *peer_args)
-    try:
-        with SwarmModel.from_coordinator(swarm.coordinator_address, cache_dir=cache_dir,
-                                         wire_dtype=wire_dtype, device=local.device) as model:
-            model.generate(prompt, max_new_tokens=4, eos_token_id=-1)  # warm-up: channels, streams, caches
-            result = Measurement(f"swarm, {peers} peers")
-            for _ in range(repeats):
-                clock = TokenClock(skip_first=False)
-                output = model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=-1, on_tokens=clock)
-                result.add(clock.decode_tokens_per_s, output[0, prompt.shape[1]:].tolist())
-                result.hops = int(model.last_generate_stats["hops"])
-                result.reported_tok_s = max(result.reported_tok_s, model.last_generate_stats["tokens_per_s"])
-                local.run()
-            return result
-    finally:
-        for peer in started:
-            swarm.stop_peer(peer)
+    with running_peers(swarm, even_spans(layers, peers), *peer_args), \
+            SwarmModel.from_coordinator(swarm.coordinator_address, cache_dir=cache_dir,
+                                        wire_dtype=wire_dtype, device=local.device) as model:
+        model.generate(prompt, max_new_tokens=4, eos_token_id=-1)  # warm-up: channels, streams, caches
+        result = Measurement(f"swarm, {peers} peers")
+        for _ in range(repeats):
+            clock = TokenClock(skip_first=False)
+            output, stats = model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=-1, on_tokens=clock,
+                                           return_stats=True)
+            result.add(clock.decode_tokens_per_s, output[0, prompt.shape[1]:].tolist())
+            result.hops = stats.hops
+            result.reported_tok_s = max(result.reported_tok_s, stats.tokens_per_s)
+            local.run()
+        return result
 
 
 # ----------------------------------------------------------------------------------- derived figures
@@ -225,15 +213,15 @@ def hop_latency_ms(local: Measurement, swarm: Measurement) -> float:
 # ------------------------------------------------------------------------------------------- reporting
 
 
-def print_table(local: Measurement, swarms: dict[int, Measurement], wire: dict[int, int],
-                latency: dict[int, float]) -> None:
+def table(local: Measurement, swarms: dict[int, Measurement], wire: dict[int, int],
+          latency: dict[int, float]) -> list[tuple[str, ...]]:
     rows = [("configuration", "tok/s", "ms/tok", "vs local", "wire B/tok", "hop ms", "tokens")]
     rows.append((local.name, f"{local.tok_s:.2f}", f"{local.ms_per_token:.1f}", "1.00", "-", "-", "reference"))
     for peers, run in swarms.items():
         same = "match" if run.tokens == local.tokens else "DIFFER"
         rows.append((f"{run.name} ({run.hops} hops)", f"{run.tok_s:.2f}", f"{run.ms_per_token:.1f}",
                      f"{run.tok_s / local.tok_s:.2f}", str(wire[peers]), f"{latency[peers]:.2f}", same))
-    print_rows(rows)
+    return rows
 
 
 def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[int, Measurement],
@@ -265,9 +253,7 @@ def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[i
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, help="where the checkpoint and caches go (default: a temp dir)")
-    add_model_arguments(parser)
+    parser = bench_parser(__doc__, workdir_holds="the checkpoint and caches", this_process_runs="baseline and client")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -277,10 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peers", default="2,4", help="comma-separated peer counts to run")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads per peer (a pipeline computes on one peer at a time)")
-    parser.add_argument("--client-threads", type=int, default=None,
-                        help="torch threads of this process: baseline and client (default: torch's)")
     args = parser.parse_args(argv)
-    args.peer_counts = [int(n) for n in args.peers.split(",") if n.strip()]
+    args.peer_counts = counts(args.peers)
     if not args.peer_counts:
         parser.error("--peers needs at least one peer count")
     if args.new_tokens < 2:
@@ -295,17 +279,15 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
     local_model = load_local_model(model_dir, args.device, dtype, args.quant)
     config = local_model.config
     prompt = make_prompt(config.vocab_size, args.prompt_tokens)
-    print(f"model {model_dir}: {config.num_hidden_layers} blocks x {config.hidden_size}, vocab "
-          f"{config.vocab_size}; {args.device} {args.dtype} quant={args.quant}; prompt {args.prompt_tokens}, "
-          f"{args.new_tokens} new tokens, best of {args.repeats}; load {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} cores", flush=True)
+    print(f"{describe_model(model_dir, config)}; {args.device} {args.dtype} quant={args.quant}; prompt "
+          f"{args.prompt_tokens}, {args.new_tokens} new tokens, best of {args.repeats}; load {machine_load()}",
+          flush=True)
     baseline = LocalBaseline(local_model, prompt, args.new_tokens)
     for _ in range(args.repeats):
         baseline.run()
     print(f"local: {baseline.result.tok_s:.2f} tok/s", flush=True)
 
-    swarm = stack.enter_context(LocalSwarm(model_dir, cache_dir=workdir / "cache", threads=args.threads))
-    swarm.start_coordinator()
+    swarm = start_swarm(stack, model_dir, workdir, threads=args.threads)
     peer_args = ["--device", args.device, "--dtype", args.dtype, "--quant", args.quant]
     swarms: dict[int, Measurement] = {}
     for peers in args.peer_counts:
@@ -319,24 +301,15 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_libraries()
-    if args.client_threads:
-        torch.set_num_threads(args.client_threads)
-    with ExitStack() as stack:  # closes the swarm (every process it started), then the temp dir
-        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tsotsa-bench-")))
-        workdir.mkdir(parents=True, exist_ok=True)
-        config, local, swarms = run_all(args, workdir, stack)
-
+    config, local, swarms = run_in_workdir(args, run_all)
     cache_length = args.prompt_tokens + args.new_tokens
     per_hop = wire_bytes_per_hop(config.hidden_size, parse_dtype(args.dtype), cache_length)
     wire = {peers: run.hops * per_hop for peers, run in swarms.items()}
     latency = {peers: hop_latency_ms(local, run) for peers, run in swarms.items()}
-    print()
-    print_table(local, swarms, wire, latency)
-    print(f"tokens match: {all(run.tokens == local.tokens for run in swarms.values())}; "
-          f"load average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
-          f"(anything else running skews the numbers)")
-    print(json.dumps(summary(args, config, local, swarms, wire, latency)))
+    report(table(local, swarms, wire, latency),
+           f"tokens match: {all(run.tokens == local.tokens for run in swarms.values())}; "
+           f"load average at the end {machine_load()} (anything else running skews the numbers)",
+           summary(args, config, local, swarms, wire, latency))
     return 0
 
 

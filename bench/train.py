@@ -39,7 +39,6 @@ import random
 import re
 import secrets
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -49,11 +48,12 @@ from pathlib import Path
 
 import torch
 
-from bench_model import add_model_arguments, build_or_reuse_model, model_summary, print_rows
-from tsotsa.console import quiet_libraries
-from tsotsa.coordinator.data import collate, load_examples, micro_batches
-from tsotsa.coordinator.runs_client import RunsClient
+from bench_model import build_or_reuse_model, describe_model, model_summary
+from common import bench_parser, counts, even_spans, machine_load, report, run_in_workdir, running_peers, start_swarm
+from tsotsa.coordinator.data import load_examples
+from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.local_swarm import LocalSwarm
+from tsotsa.training.batches import collate, micro_batches
 from tsotsa.training.export import initial_adapter
 from tsotsa.training.lora import LLAMA_LINEARS, LoraSettings, OptimizerSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -193,7 +193,7 @@ class StallGuard:
     """Stops the run when no event came for `timeout` seconds (a unit takes seconds): a run that waits for
     pipelines that never form would otherwise hold the benchmark forever."""
 
-    def __init__(self, client: RunsClient, name: str, timeout: float) -> None:
+    def __init__(self, client: CoordinatorClient, name: str, timeout: float) -> None:
         self.client, self.name, self.timeout = client, name, timeout
         self.stalled = False
         self._last = time.monotonic()
@@ -208,7 +208,7 @@ class StallGuard:
             if time.monotonic() - self._last > self.timeout:
                 self.stalled = True
                 try:
-                    self.client.stop(self.name)  # the run ends, so does the watch stream
+                    self.client.stop_run(self.name)  # the run ends, so does the watch stream
                 except Exception:
                     pass
                 return
@@ -220,14 +220,6 @@ class StallGuard:
     def __exit__(self, *exc) -> None:
         self._done.set()
         self._thread.join()
-
-
-def even_spans(layers: int, parts: int) -> list[str]:
-    """Contiguous spans covering [0, layers), sizes differing by at most one block."""
-    if not 1 <= parts <= layers:
-        raise ValueError(f"cannot split {layers} blocks into {parts} spans")
-    bounds = [round(i * layers / parts) for i in range(parts + 1)]
-    return [f"{bounds[i]}:{bounds[i + 1]}" for i in range(parts)]
 
 
 def run_config(args: argparse.Namespace) -> pb.RunConfig:
@@ -242,20 +234,19 @@ def measure_swarm(swarm: LocalSwarm, replicas: int, layers: int, data: Path, arg
     the run fails). The coordinator stays: the stopped peers announce `draining`, and pipelines skip them."""
     swarm.threads = threads
     spans = even_spans(layers, args.spans) * replicas
-    started = swarm.add_peers(spans)
     name = f"bench-{replicas}x-{secrets.token_hex(3)}"
     result = Measurement(f"swarm, {replicas} replica{'s' if replicas > 1 else ''} per span", peers=len(spans),
                          threads=threads)
-    try:
-        with RunsClient(swarm.coordinator_address, admin_token=swarm.admin_token) as client:
-            client.create(name, run_config(args), data, None)
+    with running_peers(swarm, spans) as started:
+        with CoordinatorClient(swarm.coordinator_address, admin_token=swarm.admin_token) as client:
+            client.create_run(name, run_config(args), data, None)
             round_ends: dict[int, float] = {}
             with StallGuard(client, name, args.stall_timeout) as guard:
-                for event in client.watch(name):
+                for event in client.watch_run(name):
                     guard.progress()
                     if event.kind == "round":
                         round_ends[event.round] = time.perf_counter()
-            info = client.get(name)
+            info = client.run(name)
         if info.state != "finished" or guard.stalled:
             why = f"no progress for {args.stall_timeout:.0f} s; " if guard.stalled else ""
             raise RuntimeError(f"run {name} ended {info.state}: {why}{info.message}\n" +
@@ -270,15 +261,12 @@ def measure_swarm(swarm: LocalSwarm, replicas: int, layers: int, data: Path, arg
         result.losses = [r.train_loss for r in measured]
         result.runs = [r.tokens_per_s for r in measured]
         return result
-    finally:
-        for peer in started:
-            swarm.stop_peer(peer)
 
 
 # ------------------------------------------------------------------------------------------- reporting
 
 
-def print_table(local: Measurement, swarms: dict[int, Measurement]) -> None:
+def table(local: Measurement, swarms: dict[int, Measurement]) -> list[tuple[str, ...]]:
     rows = [("configuration", "peers", "pipes", "threads", "tokens", "s", "tok/s", "vs local", "incl. ends",
              "ms/mbatch", "wire B/tok")]
     rows.append((local.name, "-", "-", str(local.threads), str(local.tokens), f"{local.seconds:.1f}",
@@ -288,7 +276,7 @@ def print_table(local: Measurement, swarms: dict[int, Measurement]) -> None:
                      f"{run.seconds:.1f}", f"{run.tok_s:.1f}", f"{run.tok_s / local.tok_s:.2f}",
                      f"{run.wall_tok_s / local.tok_s:.2f}", f"{run.ms_per_micro_batch:.0f}",
                      f"{run.wire_bytes_per_token:.0f}"))
-    print_rows(rows)
+    return rows
 
 
 def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[int, Measurement]) -> dict:
@@ -323,9 +311,7 @@ def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[i
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, help="where the checkpoint, data and caches go (default: a temp dir)")
-    add_model_arguments(parser)
+    parser = bench_parser(__doc__, workdir_holds="the checkpoint, data and caches", this_process_runs="the baseline")
     parser.add_argument("--micro-batch", type=int, default=4, help="rows per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--seq-len", type=int, default=128, help="the run's --seq-len; rows are 3/4 to all of it")
@@ -346,10 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "peer at a time, and the replicas' pipelines run at once)")
     parser.add_argument("--stall-timeout", type=float, default=180.0,
                         help="seconds without any run event after which a swarm run is stopped and the bench fails")
-    parser.add_argument("--client-threads", type=int, default=None,
-                        help="torch threads of this process, the baseline (default: torch's)")
     args = parser.parse_args(argv)
-    args.replica_counts = [int(n) for n in args.replicas.split(",") if n.strip()]
+    args.replica_counts = counts(args.replicas)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not args.replica_counts or min(args.replica_counts) < 1:
         parser.error("--replicas needs at least one count, each at least 1")
@@ -374,16 +358,13 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
     baseline = LocalBaseline(model_dir, data, args)
     config = baseline.model.config
     measured_steps = (args.rounds - 1) * args.steps
-    print(f"model {model_dir}: {config.num_hidden_layers} blocks x {config.hidden_size}, vocab {config.vocab_size}; "
-          f"cpu float32; LoRA r={args.lora_r} on {','.join(args.targets)}, A frozen; {args.rounds} rounds x "
-          f"{args.steps} steps x {args.grad_accum} x {args.micro_batch} rows of <= {args.seq_len} tokens, "
-          f"{measured_steps} steps measured; load {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores", flush=True)
+    print(f"{describe_model(model_dir, config)}; cpu float32; LoRA r={args.lora_r} on {','.join(args.targets)}, "
+          f"A frozen; {args.rounds} rounds x {args.steps} steps x {args.grad_accum} x {args.micro_batch} rows of "
+          f"<= {args.seq_len} tokens, {measured_steps} steps measured; load {machine_load()}", flush=True)
     for _ in range(args.repeats):
         print(f"local: {baseline.run():.1f} tok/s", flush=True)
 
-    swarm = stack.enter_context(LocalSwarm(model_dir, cache_dir=workdir / "cache",
-                                           admin_token=secrets.token_hex(8)))
-    swarm.start_coordinator()
+    swarm = start_swarm(stack, model_dir, workdir, admin_token=secrets.token_hex(8))
     swarms: dict[int, Measurement] = {}
     for replicas in args.replica_counts:
         run = swarms[replicas] = measure_swarm(swarm, replicas, config.num_hidden_layers, data, args,
@@ -397,24 +378,16 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a deprecated transformers property
-    if args.client_threads:
-        torch.set_num_threads(args.client_threads)
-    with ExitStack() as stack:  # closes the swarm (every process it started), then the temp dir
-        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tsotsa-bench-")))
-        workdir.mkdir(parents=True, exist_ok=True)
-        config, local, swarms = run_all(args, workdir, stack)
-
-    print()
-    print_table(local, swarms)
-    print(f"tokens: non-padding tokens of rounds 1..{args.rounds - 1}, the same micro-batches on both sides "
-          f"(match: {all(run.tokens == local.tokens for run in swarms.values())}); 'incl. ends' counts the "
-          f"rounds' ends too; ms/mbatch is seconds / micro-batches (replicas' pipelines overlap). Threads: the baseline uses {local.threads}; a peer uses cores / replicas (a "
-          f"pipeline computes on one peer at a time); the coordinator (head, loss) uses torch's default. "
-          f"Load average at the end {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (anything else running "
-          f"skews the numbers)")
-    print(json.dumps(summary(args, config, local, swarms)))
+    config, local, swarms = run_in_workdir(args, run_all)
+    report(table(local, swarms),
+           f"tokens: non-padding tokens of rounds 1..{args.rounds - 1}, the same micro-batches on both sides "
+           f"(match: {all(run.tokens == local.tokens for run in swarms.values())}); 'incl. ends' counts the "
+           f"rounds' ends too; ms/mbatch is seconds / micro-batches (replicas' pipelines overlap). Threads: the "
+           f"baseline uses {local.threads}; a peer uses cores / replicas (a pipeline computes on one peer at a "
+           f"time); the coordinator (head, loss) uses torch's default. Load average at the end {machine_load()} "
+           f"(anything else running skews the numbers)",
+           summary(args, config, local, swarms))
     return 0
 
 

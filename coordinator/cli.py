@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import run_command
+from tsotsa.console import AdminToken, CoordinatorAddress, SwarmToken, run_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The tsotsa coordinator.")
 
@@ -22,29 +22,28 @@ def up(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (gRPC and DHT)."),
     port: int = typer.Option(7070, help="gRPC port (0 picks a free one)."),
     dht_port: int = typer.Option(0, help="DHT port (0 picks a free one)."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
-                              help="Swarm token (or TSOTSA_TOKEN): calls without it are refused."),
-    admin_token: str = typer.Option(None, envvar="TSOTSA_ADMIN_TOKEN", show_default=False,
-                                    help="Admin token (or TSOTSA_ADMIN_TOKEN) that launching and stopping "
-                                         "fine-tuning runs needs; without one, no run can be launched."),
-    state_dir: Path = typer.Option(None, help="Where runs' data and adapters go (default ~/.local/share/tsotsa)."),
+    token: SwarmToken = None,
+    admin_token: AdminToken = None,
+    state_dir: Path = typer.Option(None, help="Where the DHT identity, runs' data and adapters go (default "
+                                              "~/.local/share/tsotsa/coordinator/MODEL_ID)."),
     db: Path = typer.Option(None, help="The runs' SQLite database (default STATE_DIR/coordinator.sqlite)."),
 ) -> None:
     """Serve MODEL to the swarm until SIGTERM or Ctrl-C; runs left unfinished by a restart resume."""
-    from tsotsa.coordinator.server import CoordinatorOptions, serve_coordinator
 
-    options = CoordinatorOptions(model_dir=model, host=host, port=port, dht_port=dht_port, token=token,
-                                 admin_token=admin_token, state_dir=state_dir, db=db)
-    run_command(lambda: serve_coordinator(options, announce=lambda line: print(line, flush=True)))
+    def body() -> None:
+        from tsotsa.coordinator.server import CoordinatorOptions, serve_coordinator  # after quiet_libraries
+
+        options = CoordinatorOptions(model_dir=model, host=host, port=port, dht_port=dht_port, token=token,
+                                     admin_token=admin_token, state_dir=state_dir, db=db)
+        serve_coordinator(options, announce=lambda line: print(line, flush=True))
+
+    run_command(body)
 
 
 # ------------------------------------------------------------------ fine-tuning runs
 # Everything heavy (gRPC, rich, torch) is imported inside the commands, so that --help stays fast.
 
 FINAL_STATES = ("finished", "failed", "stopped")
-_COORDINATOR_HELP = "Coordinator HOST:PORT."
-_TOKEN_HELP = "Swarm token (or TSOTSA_TOKEN); every call carries it."
-_ADMIN_HELP = "The coordinator's admin token (or TSOTSA_ADMIN_TOKEN), which launching and stopping runs needs."
 
 
 def _loss(value: float) -> str:
@@ -138,7 +137,7 @@ def _follow(client, name: str, rounds_total: int | None) -> None:
     of_total = f"/{rounds_total}" if rounds_total else ""
     try:
         with progress if progress is not None else contextlib.nullcontext():
-            for event in client.watch(name):
+            for event in client.watch_run(name):
                 if event.kind == "step":
                     if progress is None:
                         emit(f"round {event.round + 1} step {event.steps_done}/{event.steps_total} "
@@ -164,7 +163,7 @@ def _follow(client, name: str, rounds_total: int | None) -> None:
     except KeyboardInterrupt:
         print(f"detached; the run goes on: tsotsa-coordinator run {name}", flush=True)
         return
-    info = client.get(name)
+    info = client.run(name)
     if info.state == "failed":
         raise SwarmError(f"run {name} failed: {info.message or 'no reason given'}")
     last = _last_done(info)
@@ -181,7 +180,7 @@ def _follow(client, name: str, rounds_total: int | None) -> None:
 
 @app.command()
 def finetune(
-    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    coordinator: CoordinatorAddress = ...,
     data: Path = typer.Option(..., "--data", help="Training data, JSONL: {\"text\"} or {\"prompt\", \"completion\"} "
                                                   "per line, or a Hugging Face datasets directory (its train split)."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data (same formats; a datasets "
@@ -207,14 +206,14 @@ def finetune(
                                                 help="Recompute activations in backward to save peer memory."),
     out: Path = typer.Option(None, "--out", help="Where the coordinator writes the run's adapters (a path on the "
                                                  "coordinator's machine; default its state directory)."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
-    admin_token: str = typer.Option(None, envvar="TSOTSA_ADMIN_TOKEN", show_default=False, help=_ADMIN_HELP),
+    token: SwarmToken = None,
+    admin_token: AdminToken = None,
     detach: bool = typer.Option(False, "--detach", help="Launch the run and return without following it."),
 ) -> None:
     """Launch a LoRA fine-tuning run on the swarm and follow its progress (Ctrl-C detaches; the run goes on)."""
 
     def body() -> None:
-        from tsotsa.coordinator.runs_client import RunsClient
+        from tsotsa.coordinator_client import CoordinatorClient
         from tsotsa.training.lora import LLAMA_LINEARS
         from tsotsa.v1 import tsotsa_pb2 as pb
 
@@ -251,8 +250,8 @@ def finetune(
                               weight_decay=weight_decay, seed=seed, gradient_checkpointing=gradient_checkpointing,
                               lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                               out_dir=str(out) if out is not None else "")
-        with RunsClient(coordinator, token=token, admin_token=admin_token) as client:
-            info = client.create(name, config, data, eval_data)
+        with CoordinatorClient(coordinator, token=token, admin_token=admin_token) as client:
+            info = client.create_run(name, config, data, eval_data)
             print(f"run {info.name} created: {info.state}", flush=True)
             if detach:
                 print(f"follow it with: tsotsa-coordinator run {info.name} --coordinator {coordinator} --follow",
@@ -265,19 +264,19 @@ def finetune(
 
 @app.command()
 def runs(
-    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    coordinator: CoordinatorAddress = ...,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line (a list of runs)."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+    token: SwarmToken = None,
 ) -> None:
     """List the coordinator's fine-tuning runs."""
 
     def body() -> None:
         import json
 
-        from tsotsa.coordinator.runs_client import RunsClient
+        from tsotsa.coordinator_client import CoordinatorClient
 
-        with RunsClient(coordinator, token=token) as client:
-            infos = client.list()
+        with CoordinatorClient(coordinator, token=token) as client:
+            infos = client.runs()
         rows = []
         for info in infos:
             last = _last_done(info)
@@ -306,20 +305,20 @@ def runs(
 @app.command("run")
 def run_(
     run: str = typer.Argument(..., help="The run's name."),
-    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    coordinator: CoordinatorAddress = ...,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
     follow: bool = typer.Option(False, "--follow", help="Then follow its progress until it ends, as finetune does."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+    token: SwarmToken = None,
 ) -> None:
     """Show a run: its state, its configuration and its rounds."""
 
     def body() -> None:
         import json
 
-        from tsotsa.coordinator.runs_client import RunsClient
+        from tsotsa.coordinator_client import CoordinatorClient
 
-        with RunsClient(coordinator, token=token) as client:
-            info = client.get(run)
+        with CoordinatorClient(coordinator, token=token) as client:
+            info = client.run(run)
             config = _config(info)
             if as_json:
                 print(json.dumps({"name": info.name, "state": info.state, "message": info.message,
@@ -358,20 +357,20 @@ def run_(
 @app.command()
 def stop(
     run: str = typer.Argument(..., help="The run's name."),
-    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
-    admin_token: str = typer.Option(None, envvar="TSOTSA_ADMIN_TOKEN", show_default=False, help=_ADMIN_HELP),
+    coordinator: CoordinatorAddress = ...,
+    token: SwarmToken = None,
+    admin_token: AdminToken = None,
 ) -> None:
     """Stop a run; the rounds it finished, and their adapters, stay."""
 
     def body() -> None:
-        from tsotsa.coordinator.runs_client import RunsClient
+        from tsotsa.coordinator_client import CoordinatorClient
 
         if not admin_token:
             raise ValueError("stopping a run needs the coordinator's admin token: give --admin-token "
                              "(or TSOTSA_ADMIN_TOKEN)")
-        with RunsClient(coordinator, token=token, admin_token=admin_token) as client:
-            info = client.stop(run)
+        with CoordinatorClient(coordinator, token=token, admin_token=admin_token) as client:
+            info = client.stop_run(run)
         print(_state_line(info.name or run, info.state, info.message))
 
     run_command(body)
@@ -380,12 +379,12 @@ def stop(
 @app.command()
 def export(
     run: str = typer.Argument(..., help="The run's name."),
-    coordinator: str = typer.Option(..., help=_COORDINATOR_HELP),
+    coordinator: CoordinatorAddress = ...,
     out: Path = typer.Option(..., "--out", help="Where to write the adapter (or, with --merge, the merged model)."),
     merge: bool = typer.Option(False, "--merge", help="Fold the adapter into the base model: a plain Llama "
                                                       "checkpoint that needs no PEFT (CPU is enough)."),
     base: Path = typer.Option(None, "--base", help="The base model's checkpoint directory (for --merge)."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False, help=_TOKEN_HELP),
+    token: SwarmToken = None,
 ) -> None:
     """Export the adapter of a run's last finished round in PEFT's format, or merged into the base model.
 
@@ -395,7 +394,8 @@ def export(
     def body() -> None:
         import tempfile
 
-        from tsotsa.remote import CoordinatorClient
+        from tsotsa.coordinator_client import CoordinatorClient
+        from tsotsa.remote import fetch_adapter
         from tsotsa.training.export import merge_adapter, write_adapter
         from tsotsa.training.lora import lora_from_spec
 
@@ -404,7 +404,7 @@ def export(
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} already exists and is not empty; choose another --out")
         with CoordinatorClient(coordinator, token=token) as client:
-            spec, tensors = client.adapter(run)
+            spec, tensors = fetch_adapter(client, run)
             info = client.model_info()
         settings = lora_from_spec(spec)
         if not merge:

@@ -1,10 +1,8 @@
 """Fine-tuning data for the coordinator, checked in full before any training round starts.
 
 A round that dies halfway on a bad row wastes every peer's work, so the whole file is parsed and
-tokenized up front, and a bad file fails with one line naming the file and the line number.
-
-Batches are addressed by a global micro-batch index into an endless, seeded stream of epochs, so that
-the same index means the same examples on every machine, in every round, and after a restart.
+tokenized up front, and a bad file fails with one line naming the file and the line number. How a row
+becomes tokens and batches is tsotsa.training.batches.
 """
 
 from __future__ import annotations
@@ -13,13 +11,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from tsotsa.errors import TsotsaError
+from tsotsa.training.batches import Example, tokenize_row
+from tsotsa.training.loss import IGNORE_INDEX
 
 MAX_LINE_BYTES = 1 << 20
-IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips: prompt tokens and padding
 
 
 class DataError(TsotsaError):
@@ -30,12 +28,6 @@ class DataError(TsotsaError):
 class Row:
     line: int  # 1-based, so that tokenizing can still point at the offending line
     fields: dict[str, str]  # {"text"} or {"prompt", "completion"}
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # same length as input_ids; IGNORE_INDEX where no loss is taken
 
 
 def parse_jsonl(data: bytes, name: str) -> list[Row]:
@@ -93,25 +85,18 @@ def _parse_line(raw: bytes, where: str) -> dict[str, str]:
 
 def tokenize(rows: list[Row], tokenizer: PreTrainedTokenizerBase, seq_len: int, name: str) -> list[Example]:
     """Rows too long for the model are refused rather than truncated, which would silently cut the targets."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise DataError("the model's tokenizer has no end-of-sequence token")
     examples = []
     for row in rows:
-        if "text" in row.fields:
-            input_ids = tokenizer(row.fields["text"]).input_ids + [eos]
-            labels = list(input_ids)
-        else:
-            prompt = tokenizer(row.fields["prompt"]).input_ids
-            completion = tokenizer(row.fields["completion"], add_special_tokens=False).input_ids + [eos]
-            input_ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+        example = tokenize_row(row.fields, tokenizer)
         where = f"{name} line {row.line}"
-        if len(input_ids) > seq_len:
-            raise DataError(f"{where}: {len(input_ids)} tokens exceed --seq-len {seq_len}")
+        if len(example.input_ids) > seq_len:
+            raise DataError(f"{where}: {len(example.input_ids)} tokens exceed --seq-len {seq_len}")
         # The first label is never predicted (nothing precedes it), so a row needs a target after it.
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        if all(label == IGNORE_INDEX for label in example.labels[1:]):
             raise DataError(f"{where}: nothing to learn (no target token after the first)")
-        examples.append(Example(input_ids, labels))
+        examples.append(example)
     return examples
 
 
@@ -121,37 +106,3 @@ def load_examples(path: Path, tokenizer: PreTrainedTokenizerBase, seq_len: int) 
     except OSError as error:
         raise DataError(f"{path}: cannot read: {error.strerror or error}") from None
     return tokenize(parse_jsonl(data, str(path)), tokenizer, seq_len, str(path))
-
-
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right padding keeps every real token at the position it had alone, so RoPE sees the same positions."""
-    length = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.int64)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.int64)
-    for row, example in enumerate(examples):
-        size = len(example.input_ids)
-        input_ids[row, :size] = torch.tensor(example.input_ids, dtype=torch.int64)
-        attention_mask[row, :size] = 1
-        labels[row, :size] = torch.tensor(example.labels, dtype=torch.int64)
-    return input_ids, attention_mask, labels
-
-
-def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    """A private generator, so the order depends only on (seed, epoch), never on other users of torch's RNG."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(count, generator=generator).tolist()
-
-
-def micro_batches(examples: list[Example], micro_batch: int, seed: int, start: int,
-                  count: int) -> list[list[Example]]:
-    """Micro-batch i is stream positions [i * micro_batch, (i + 1) * micro_batch) of the epochs laid end to end,
-    so any range can be rebuilt from its indices alone, by any machine, after any restart."""
-    epoch, skip = divmod(start * micro_batch, len(examples))
-    needed = count * micro_batch
-    order: list[int] = []
-    while len(order) < skip + needed:
-        order += epoch_order(len(examples), seed, epoch)
-        epoch += 1
-    picked = [examples[index] for index in order[skip:skip + needed]]
-    return [picked[first:first + micro_batch] for first in range(0, needed, micro_batch)]

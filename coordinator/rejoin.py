@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from tsotsa.client.swarm import Swarm
-from tsotsa.dht import ServerRecord
+from tsotsa.records import RecordError, ServerRecord, check_multiaddr
 
 logger = logging.getLogger(__name__)
 MAX_REMEMBERED = 64
@@ -26,10 +26,12 @@ class PeerMemory:
         self._saved: list[str] = []
 
     def load(self) -> list[str]:
+        """The remembered DHT addresses that parse (a damaged file costs its bad lines, not the start-up)."""
         try:
-            return [line for line in self.path.read_text().split() if line.startswith("/")][:MAX_REMEMBERED]
+            lines = self.path.read_text(errors="replace").split()
         except OSError:
             return []
+        return [line for line in lines if _parses(line)][:MAX_REMEMBERED]
 
     def save(self, servers: list[ServerRecord]) -> None:
         addresses = sorted({address for server in servers for address in server.dht_addresses})[:MAX_REMEMBERED]
@@ -54,6 +56,14 @@ class PeerMemory:
         thread = threading.Thread(target=loop, name="peer-memory", daemon=True)
         thread.start()
         return thread
+
+
+def _parses(line: str) -> bool:
+    try:
+        check_multiaddr(line)
+        return True
+    except RecordError:
+        return False
 
 
 class RememberingSwarm(Swarm):

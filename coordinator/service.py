@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import hivemind
 from hivemind.utils import get_dht_time
 
 from tsotsa.auth import admin_refusal
-from tsotsa.checkpoint import Checkpoint, TOKENIZER_FILES
+from tsotsa.checkpoint import BLOCKS_PREFIX, HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint
 from tsotsa.codec import DTYPE_NAMES, encode, tensor_bytes
-from tsotsa.dht import find_servers
+from tsotsa.dht import SwarmDHT
 from tsotsa.errors import TsotsaError
 from tsotsa.training.aggregate import blocks_of
 from tsotsa.training.export import read_adapter
@@ -29,17 +28,17 @@ from tsotsa.coordinator.store import RunRecord
 from tsotsa.coordinator.trainer import RunSpec
 
 CHUNK_BYTES = 1 << 20
-ALLOWED_PREFIXES = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")
+ALLOWED_PREFIXES = (BLOCKS_PREFIX, *HEAD_PREFIXES)
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, checkpoint: Checkpoint, model_id: str, dht: hivemind.DHT, runs: RunManager,
+    def __init__(self, checkpoint: Checkpoint, model_id: str, dht: SwarmDHT, runs: RunManager,
                  admin_token: str | None) -> None:
         self.checkpoint, self.model_id, self.dht, self.runs = checkpoint, model_id, dht, runs
         self.admin_token = admin_token
         self.config_json = (checkpoint.directory / "config.json").read_text()
         self.tokenizer_files = [name for name in TOKENIZER_FILES if (checkpoint.directory / name).is_file()]
-        self.initial_peers = [str(addr) for addr in dht.get_visible_maddrs()]
+        self.initial_peers = dht.visible_maddrs()
         dtypes = {dtype for dtype, _ in checkpoint.specs.values()}
         self.torch_dtype = ",".join(sorted(dtypes))
 
@@ -55,12 +54,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     def SwarmStatus(self, request: pb.SwarmStatusRequest, context: grpc.ServicerContext) -> pb.SwarmMap:
-        servers = find_servers(self.dht, self.model_id, self.checkpoint.config.num_hidden_layers)
+        servers = self.dht.find_servers(self.model_id, self.checkpoint.config.num_hidden_layers)
         now = get_dht_time()
         peers = [
             pb.PeerRecord(
                 peer_id=record.peer_id, address=record.address, start_block=record.start, end_block=record.end,
-                state=record.state, throughput=record.throughput, device=record.device, dtype=record.dtype,
+                state=record.state.value, throughput=record.throughput, device=record.device, dtype=record.dtype,
                 quant=record.quant, expires_in=max(0.0, record.expires_at - now),
             )
             for record in sorted(servers.values(), key=lambda r: (r.start, r.end, r.peer_id))

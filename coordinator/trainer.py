@@ -6,6 +6,9 @@ TrainBackward back through them; then each of its peers steps its own optimizer.
 peer gives its unfinished unit back (its surviving peers forget the unit's gradients), so no sample is lost
 and none is counted twice. At the round's end the replicas' adapters are gathered and aggregated exactly
 (see tsotsa.training.aggregate), pushed to every replica, evaluated and exported in PEFT's format.
+
+This module orchestrates (rounds, units, progress, aggregation, export, the store, events); the calls to
+peers are coordinator/pipeline_client.py, the loss and the batches tsotsa.training.loss and .batches.
 """
 
 from __future__ import annotations
@@ -21,21 +24,22 @@ from pathlib import Path
 
 import grpc
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from tsotsa.client.swarm import Swarm
-from tsotsa.codec import decode, encode
-from tsotsa.dht import ServerRecord
 from tsotsa.errors import SwarmError
 from tsotsa.head import ModelHead
+from tsotsa.records import ServerRecord
 from tsotsa.training.aggregate import aggregate, blocks_of
+from tsotsa.training.batches import Example, collate, micro_batches
 from tsotsa.training.export import initial_adapter, read_adapter, write_adapter
 from tsotsa.training.lora import LoraSettings, OptimizerSettings, lora_spec
+from tsotsa.training.loss import causal_lm_loss, summed_loss
 from tsotsa.training.schedule import learning_rate
 from tsotsa.v1 import tsotsa_pb2 as pb
-from tsotsa.coordinator.data import IGNORE_INDEX, Example, collate, load_examples, micro_batches
+from tsotsa.coordinator.data import load_examples
+from tsotsa.coordinator.pipeline_client import PipelineBroken, PipelineClient
 from tsotsa.coordinator.pipelines import Pipeline, form_pipelines, uncovered_blocks
 from tsotsa.coordinator.store import Participant, RunStore
 
@@ -95,23 +99,6 @@ class RunStopped(Exception):
     pass
 
 
-class PipelineBroken(Exception):
-    def __init__(self, peer: ServerRecord, reason: str) -> None:
-        super().__init__(f"peer {peer.peer_id[:12]} at {peer.address} ({peer.start}:{peer.end}): {reason}")
-        self.peer = peer
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """transformers' causal-LM loss: predict token t+1 at t, skip IGNORE_INDEX labels, in float32."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """(sum of the loss over the label tokens, their count): eval losses are token-weighted over a whole set."""
-    return causal_lm_loss(logits, labels, reduction="sum").item(), int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 @dataclass
 class RoundProgress:
     units_done: int = 0
@@ -142,7 +129,7 @@ class RunDriver:
         self._lock = threading.Lock()
         self._leaving = False  # stopping because the coordinator shuts down: the run resumes after restart
         self._thread: threading.Thread | None = None
-        self.wire_dtype = base.head.dtype
+        self.peers = PipelineClient(swarm, spec.name, base.model_id, base.head.dtype)
 
     # ------------------------------------------------------------------- run
 
@@ -259,15 +246,9 @@ class RunDriver:
                 logger.warning("cannot prepare %s: %s", peer.address, error)
 
     def _push(self, peer: ServerRecord, version: int) -> None:
-        stub = self.swarm.stub(peer.address)
-        timeout = self.swarm.step_timeout
-        stub.OpenTraining(pb.OpenTrainingRequest(model_id=self.base.model_id, run=self.spec.name,
-                                                 lora=lora_spec(self.spec.lora, self.spec.optimizer,
-                                                                self.spec.gradient_checkpointing)),
-                             timeout=timeout)
-        tensors = [pb.NamedTensor(name=key, tensor=encode(tensor))
-                   for key, tensor in sorted(blocks_of(self.adapter, peer.start, peer.end).items())]
-        stub.SetAdapter(pb.SetAdapterRequest(run=self.spec.name, tensors=tensors), timeout=timeout)
+        spec = self.spec
+        self.peers.open(peer, lora_spec(spec.lora, spec.optimizer, spec.gradient_checkpointing),
+                        blocks_of(self.adapter, peer.start, peer.end))
         with self._lock:
             self._holds[peer.peer_id] = version
 
@@ -285,7 +266,7 @@ class RunDriver:
                 with self._lock:
                     units.appendleft(unit)
                     progress.broken.add(error.peer.peer_id)
-                self._discard(pipeline, error.peer)
+                self.peers.discard(pipeline, error.peer)
                 return
 
     def _train_unit(self, pipeline: Pipeline, unit: list[int], progress: RoundProgress, index: int) -> None:
@@ -297,30 +278,16 @@ class RunDriver:
             tag = f"{index}.{micro_batch}"
             with torch.no_grad():
                 hidden = self.base.head.embed(input_ids)
-            for position, peer in enumerate(pipeline):
-                request = pb.TrainForwardRequest(run=spec.name, micro_batch=tag, attention_mask=encode(mask),
-                                                 hidden_states=encode(hidden, self.wire_dtype),
-                                                 no_input_grad=position == 0)
-                reply = self._call(peer, "TrainForward", request)
-                wire += request.ByteSize() + reply.ByteSize()
-                hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
+            hidden, sent = self.peers.train_forward(pipeline, tag, hidden, mask)
             hidden = hidden.detach().requires_grad_(True)
             loss = causal_lm_loss(self.base.head.logits(hidden), labels)
             (loss / spec.grad_accum).backward()
-            grad = hidden.grad
-            for position in range(len(pipeline) - 1, -1, -1):
-                request = pb.TrainBackwardRequest(run=spec.name, micro_batch=tag, grad_output=encode(grad, self.wire_dtype),
-                                                  want_grad_input=position > 0)
-                reply = self._call(pipeline[position], "TrainBackward", request)
-                wire += request.ByteSize() + reply.ByteSize()
-                if position > 0:
-                    grad = decode(reply.grad_input, what="grad_input", ndim=3)
+            wire += sent + self.peers.train_backward(pipeline, tag, hidden.grad)
             losses.append(loss.item())
             tokens += int(mask.sum())
         samples = len(unit) * spec.micro_batch
         lr = spec.step_lr(unit[0] // spec.grad_accum)  # unit k of the run is its optimizer step k
-        for peer in pipeline:
-            self._call(peer, "Step", pb.StepRequest(run=spec.name, samples=samples, lr=lr))
+        self.peers.step(pipeline, samples, lr)
         with self._lock:
             progress.units_done += 1
             progress.samples += samples
@@ -334,37 +301,11 @@ class RunDriver:
                               loss=sum(losses) / len(losses), peers=[peer.peer_id for peer in pipeline],
                               tokens_per_s=rate))
 
-    def _call(self, peer: ServerRecord, method: str, request):
-        try:
-            return getattr(self.swarm.stub(peer.address), method)(request, timeout=self.swarm.step_timeout)
-        except grpc.RpcError as error:
-            raise PipelineBroken(peer, f"{method}: {error.code().name}: {error.details()}") from None
-
-    def _discard(self, pipeline: Pipeline, dead: ServerRecord) -> None:
-        for peer in pipeline:
-            if peer.peer_id == dead.peer_id:
-                continue
-            try:
-                self.swarm.stub(peer.address).Discard(pb.DiscardRequest(run=self.spec.name),
-                                                      timeout=self.swarm.step_timeout)
-            except grpc.RpcError as error:
-                logger.warning("cannot discard on %s: %s", peer.address, error)
-
     # ------------------------------------------------------- end of a round
 
     def _gather(self, progress: RoundProgress) -> list[tuple[ServerRecord, dict[str, torch.Tensor], int]]:
         """Every surviving replica's adapter and its samples this round."""
-        replicas = []
-        for peer in progress.trained.values():
-            try:
-                reply = self.swarm.stub(peer.address).GetAdapter(pb.GetAdapterRequest(run=self.spec.name),
-                                                                 timeout=self.swarm.step_timeout)
-            except grpc.RpcError as error:
-                logger.warning("replica %s is gone; its blocks keep the other replicas' work: %s",
-                               peer.address, error.code().name)
-                continue
-            state = {item.name: decode(item.tensor, what=item.name, ndim=2) for item in reply.tensors}
-            replicas.append((peer, state, reply.state.samples))
+        replicas = self.peers.gather(progress.trained.values())
         if not replicas:
             raise SwarmError("every peer that trained this round is gone")
         return replicas
@@ -407,24 +348,13 @@ class RunDriver:
         for first in range(0, len(self.eval_examples), size):
             input_ids, mask, labels = collate(self.eval_examples[first:first + size], self.base.config.pad_token_id or 0)
             with torch.no_grad():
-                hidden = self.base.head.embed(input_ids)
-                for peer in pipeline:
-                    request = pb.ForwardRequest(model_id=self.base.model_id, start_block=peer.start,
-                                                end_block=peer.end, hidden_states=encode(hidden, self.wire_dtype),
-                                                attention_mask=encode(mask), adapter=self.spec.name)
-                    hidden = decode(self._call(peer, "Forward", request).hidden_states, what="hidden_states", ndim=3)
+                hidden = self.peers.forward(pipeline, self.base.head.embed(input_ids), mask)
                 loss_sum, tokens = summed_loss(self.base.head.logits(hidden), labels)
                 total, count = total + loss_sum, count + tokens
         return total / count
 
     def _close_on_peers(self) -> None:
-        """The run's training state goes; its adapter stays loaded on the peers, ready to serve."""
-        for peer in self.swarm.servers():
-            try:
-                self.swarm.stub(peer.address).CloseTraining(pb.CloseTrainingRequest(run=self.spec.name, keep=True),
-                                                            timeout=10)
-            except grpc.RpcError:
-                pass  # not open there, or gone
+        self.peers.close(self.swarm.servers())
 
     # ---------------------------------------------------------------- helpers
 

@@ -151,8 +151,8 @@ def swarm_eval_loss(model, examples, adapter: str | None) -> float:
     """Token-weighted mean loss over `examples` through the swarm, as the coordinator scores a round."""
     import torch
 
-    from tsotsa.coordinator.data import collate
-    from tsotsa.coordinator.trainer import summed_loss
+    from tsotsa.training.batches import collate
+    from tsotsa.training.loss import summed_loss
 
     input_ids, mask, labels = collate(examples, model.config.pad_token_id or 0)
     with torch.inference_mode():

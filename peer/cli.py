@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import parse_dtype, run_command
+from tsotsa.console import CoordinatorAddress, SwarmToken, parse_dtype, run_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="A tsotsa peer.")
 
@@ -18,7 +18,7 @@ def main() -> None:
 
 @app.command()
 def join(
-    coordinator: str = typer.Option(..., help="Coordinator address HOST:PORT."),
+    coordinator: CoordinatorAddress = ...,
     model: Path = typer.Option(None, "--model", help="Local copy of the checkpoint (else blocks are fetched)."),
     blocks: str = typer.Option(None, help="Span START:END to serve (default: what the swarm needs most)."),
     num_blocks: int = typer.Option(None, help="How many blocks to take when --blocks is not given."),
@@ -37,8 +37,11 @@ def join(
     threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
     adapters: str = typer.Option(None, help="Fine-tuning runs whose adapters to serve, comma-separated "
                                             "(fetched from the coordinator)."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
-                              help="Swarm token (or TSOTSA_TOKEN): sent to the coordinator, required of callers."),
+    state_dir: Path = typer.Option(None, help="Where the peer keeps its DHT identity across restarts (default "
+                                              "~/.local/share/tsotsa/peer/MODEL_ID; one per peer process)."),
+    wait_timeout: float = typer.Option(None, help="Seconds to wait for an unreachable coordinator before giving "
+                                                  "up (default: wait as long as it takes)."),
+    token: SwarmToken = None,
 ) -> None:
     """Serve a span of the coordinator's model until SIGTERM (which drains open sessions first)."""
 
@@ -62,7 +65,8 @@ def join(
             limits=PeerLimits(max_sessions=max_sessions, max_cache_bytes=cache_mib << 20,
                               session_timeout=session_timeout),
             drain_timeout=drain_timeout, threads=threads, token=token,
-            adapters=[name for name in (adapters or "").split(",") if name],
+            adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,
+            wait_timeout=wait_timeout,
         )
         serve_peer(options, say=lambda line: print(line, flush=True))
 

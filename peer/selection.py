@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
 import psutil
 import torch
 from transformers import LlamaConfig
 
-from tsotsa.dht import ServerRecord
+from tsotsa.checkpoint import head_dim
+from tsotsa.records import ServerRecord, ServerState
+from tsotsa.rpc import open_channel
 from tsotsa.spans import SpanSpec
+from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 # Bytes per weight in memory, by quantization (NF4 stores 4 bits plus one absmax per 64 weights).
 BYTES_PER_WEIGHT = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64}
@@ -15,8 +22,7 @@ MEMORY_FRACTION = 0.6
 
 
 def block_parameter_count(config: LlamaConfig) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = config.hidden_size * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    attention = config.hidden_size * head_dim(config) * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     mlp = 3 * config.hidden_size * config.intermediate_size
     return attention + mlp + 2 * config.hidden_size
 
@@ -33,6 +39,37 @@ def blocks_that_fit(config: LlamaConfig, quant: str, dtype: torch.dtype, device:
     return max(1, min(config.num_hidden_layers, int(budget // per_block)))
 
 
+PROBE_TIMEOUT = 3.0
+
+
+def confirmed_servers(servers: list[ServerRecord], model_id: str, token: str | None,
+                      timeout: float = PROBE_TIMEOUT) -> list[ServerRecord]:
+    """The records whose peer answers `Info` as the record says (same peer, model and span), asked in parallel.
+
+    A record outlives its peer by up to its ttl: a machine that just crashed, or was unplugged, still looks
+    online in the DHT, and a peer choosing its span from that view would leave the dead peer's blocks
+    uncovered. Records of peers still joining (no address yet) are kept as they are.
+    """
+
+    def answers(server: ServerRecord) -> bool:
+        if not server.address:
+            return server.state is ServerState.JOINING
+        channel = open_channel(server.address, token)
+        try:
+            info = pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        finally:
+            channel.close()
+        return (info.peer_id, info.model_id, info.start_block, info.end_block) == (
+            server.peer_id, model_id, server.start, server.end)
+
+    if not servers:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(servers))) as pool:
+        return [server for server, alive in zip(servers, pool.map(answers, servers)) if alive]
+
+
 def choose_span(servers: list[ServerRecord], num_blocks: int, length: int) -> SpanSpec:
     """The window of `length` blocks whose weakest block has the least throughput (ties: least in total).
 
@@ -40,13 +77,13 @@ def choose_span(servers: list[ServerRecord], num_blocks: int, length: int) -> Sp
     do not both pile onto the same gap.
     """
     length = max(1, min(length, num_blocks))
-    online = sorted(s.throughput for s in servers if s.state == "online" and s.throughput > 0)
+    online = sorted(s.throughput for s in servers if s.state is ServerState.ONLINE and s.throughput > 0)
     nominal = online[len(online) // 2] if online else 1.0
     coverage = [0.0] * num_blocks
     for server in servers:
-        if server.state == "draining":
+        if server.state is ServerState.DRAINING:
             continue
-        value = server.throughput if server.state == "online" else nominal
+        value = server.throughput if server.state is ServerState.ONLINE else nominal
         for index in range(max(0, server.start), min(num_blocks, server.end)):
             coverage[index] += value
     best = min(

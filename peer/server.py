@@ -6,26 +6,26 @@ import logging
 import signal
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import torch
 from transformers import LlamaConfig
 
-from tsotsa.auth import server_interceptors
 from tsotsa.checkpoint import Checkpoint, block_prefix, config_from_json
-from tsotsa.dht import ServerRecord, announce, find_servers, start_dht
+from tsotsa.coordinator_client import CoordinatorClient
+from tsotsa.dht import SwarmDHT, start_dht
 from tsotsa.errors import CheckpointError, TsotsaError
-from tsotsa.remote import CoordinatorClient, cached_checkpoint, default_cache_dir
-from tsotsa.rpc import GRPC_OPTIONS
+from tsotsa.records import MAX_RECORD_LIFETIME, ServerRecord, ServerState
+from tsotsa.remote import cached_checkpoint, default_cache_dir, fetch_adapter
+from tsotsa.rpc import start_server
+from tsotsa.state import StateDir, default_state_dir
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.training.lora import lora_from_spec
 from tsotsa.peer.adapters import Adapters
-from tsotsa.peer.selection import blocks_that_fit, choose_span
+from tsotsa.peer.selection import blocks_that_fit, choose_span, confirmed_servers
 from tsotsa.peer.service import PeerLimits, PeerService
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class PeerOptions:
     threads: int | None = None
     token: str | None = None
     adapters: list[str] = field(default_factory=list)  # runs whose adapters this peer serves from the start
+    state_dir: Path | None = None  # DHT identity; default: one per model id (tsotsa.state.default_state_dir)
+    wait_timeout: float | None = None  # seconds to wait for an unreachable coordinator (None: no limit)
 
 
 def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
@@ -88,7 +90,7 @@ def load_span(options: PeerOptions, info: pb.ModelInfo, config: LlamaConfig, cli
 
 def load_adapter(adapters: Adapters, client: CoordinatorClient, run: str, spec: SpanSpec) -> None:
     """A fine-tuning run's latest adapter for this span, from the coordinator, served under the run's name."""
-    lora, tensors = client.adapter(run, spec.start, spec.end)
+    lora, tensors = fetch_adapter(client, run, spec.start, spec.end)
     try:
         adapters.attach(run, lora_from_spec(lora))
         adapters.load(run, tensors)
@@ -102,29 +104,39 @@ def serve_peer(options: PeerOptions, say=print) -> None:
     if options.host in ("0.0.0.0", "::") and not options.announce_host:
         raise TsotsaError(f"--host {options.host} listens everywhere: give --announce-host, the address "
                           "other machines reach this one at")
+    if not 0 < options.record_ttl <= MAX_RECORD_LIFETIME:
+        raise TsotsaError(f"the record ttl must be in (0, {MAX_RECORD_LIFETIME:g}] seconds")
     with CoordinatorClient(options.coordinator, token=options.token) as client:
-        info = client.model_info()
-        _serve(options, info, client, say)
+        info = client.wait_for_model_info(options.wait_timeout, say)
+        state = StateDir(options.state_dir or default_state_dir("peer", info.model_id), "peer")
+        try:
+            _serve(options, info, client, state, say)
+        finally:
+            state.release()
 
 
-def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, say) -> None:
+def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, state: StateDir, say) -> None:
     """Joins the DHT, picks and loads the span, serves it until SIGTERM, then drains and leaves."""
     config = config_from_json(info.config_json)
     num_blocks = config.num_hidden_layers
     if options.blocks is not None and options.blocks.end > num_blocks:
         raise TsotsaError(f"blocks {options.blocks} are outside the model's {num_blocks} blocks")
-    dht = start_dht(list(info.dht_initial_peers), host=options.host, port=options.dht_port)
+    dht = start_dht(list(info.dht_initial_peers), host=options.host, port=options.dht_port,
+                    identity_path=state.identity_path)
     try:
-        peer_id = dht.peer_id.to_base58()
+        peer_id = dht.peer_id
         spec = options.blocks
         if spec is None:
             length = options.num_blocks or blocks_that_fit(config, options.quant, options.dtype, options.device,
                                                             options.limits.max_cache_bytes)
-            spec = choose_span(list(find_servers(dht, info.model_id, num_blocks).values()), num_blocks, length)
-        record = ServerRecord(peer_id=peer_id, address="", start=spec.start, end=spec.end, state="joining",
-                              throughput=0.0, device=options.device, dtype=str(options.dtype).removeprefix("torch."),
-                              quant=options.quant)
-        announce(dht, info.model_id, record, options.record_ttl)
+            servers = dht.find_servers(info.model_id, num_blocks)
+            servers.pop(peer_id, None)  # this machine's own record from before a restart
+            spec = choose_span(confirmed_servers(list(servers.values()), info.model_id, options.token),
+                               num_blocks, length)
+        record = ServerRecord(peer_id=peer_id, address="", start=spec.start, end=spec.end,
+                              state=ServerState.JOINING, throughput=0.0, device=options.device,
+                              dtype=str(options.dtype).removeprefix("torch."), quant=options.quant)
+        dht.announce(info.model_id, record, options.record_ttl)
         span, source = load_span(options, info, config, client, spec)
         record.throughput = measure_throughput(span)
 
@@ -133,7 +145,7 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
         def peer_info() -> pb.PeerInfo:
             return pb.PeerInfo(
                 model_id=info.model_id, peer_id=peer_id, start_block=spec.start, end_block=spec.end,
-                state=record.state, device=options.device, dtype=record.dtype, quant=options.quant,
+                state=record.state.value, device=options.device, dtype=record.dtype, quant=options.quant,
                 throughput=record.throughput, open_sessions=service.sessions.open_count,
                 max_sessions=options.limits.max_sessions, cache_bytes_used=service.sessions.reserved_bytes,
                 cache_bytes_limit=options.limits.max_cache_bytes, checkpoint_bytes_read=source.bytes_read,
@@ -144,17 +156,13 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
         for run in options.adapters:
             load_adapter(service.adapters, client, run, spec)
         workers = options.limits.max_sessions + 8
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=GRPC_OPTIONS,
-                             maximum_concurrent_rpcs=workers, interceptors=server_interceptors(options.token))
-        pb_grpc.add_PeerServicer_to_server(service, server)
-        port = server.add_insecure_port(f"{options.host}:{options.port}")
-        if port == 0:
-            raise TsotsaError(f"cannot listen on {options.host}:{options.port}")
-        server.start()
+        server, port = start_server(lambda server: pb_grpc.add_PeerServicer_to_server(service, server),
+                                    options.host, options.port, options.token, workers=workers,
+                                    max_concurrent_rpcs=workers)
         record.address = f"{options.announce_host or options.host}:{port}"
-        record.dht_addresses = [str(addr) for addr in dht.get_visible_maddrs()]
-        record.state = "online"
-        announce(dht, info.model_id, record, options.record_ttl)
+        record.dht_addresses = dht.visible_maddrs()
+        record.state = ServerState.ONLINE
+        dht.announce(info.model_id, record, options.record_ttl)
 
         stop, wake = threading.Event(), threading.Event()  # wake: a signal, or adapters to announce now
 
@@ -165,24 +173,22 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, on_signal)
         service.adapters.on_change = wake.set
-        maddrs = " ".join(str(addr) for addr in dht.get_visible_maddrs())
         say(f"serving blocks {spec} of {info.model_id} at {record.address} as {peer_id} "
-            f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device}); DHT {maddrs}")
+            f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device}); "
+            f"DHT {' '.join(record.dht_addresses)}")
         while True:
             wake.wait(options.heartbeat)
             wake.clear()
             if stop.is_set():
                 break
-            try:
-                record.adapters = service.adapters.names
-                announce(dht, info.model_id, record, options.record_ttl)
-            except Exception as error:  # a missed heartbeat is retried at the next one
-                logger.warning("heartbeat failed: %s", error)
+            record.adapters = service.adapters.names
+            _announce_or_warn(dht, info.model_id, record, options.record_ttl, "heartbeat")
 
-        # Drain: say so in the DHT (routes skip us), refuse new sessions, let open ones finish.
+        # Drain: say so in the DHT (routes skip us), refuse new sessions, let open ones finish. A missed
+        # announcement costs nothing here: clients that still pick this peer are refused and go elsewhere.
         service.accepting = False
-        record.state = "draining"
-        announce(dht, info.model_id, record, options.record_ttl)
+        record.state = ServerState.DRAINING
+        _announce_or_warn(dht, info.model_id, record, options.record_ttl, "draining announcement")
         deadline = time.monotonic() + options.drain_timeout
         while service.sessions.open_count and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -191,3 +197,11 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
     finally:
         dht.shutdown()
 
+
+def _announce_or_warn(dht: SwarmDHT, model_id: str, record: ServerRecord, ttl: float, what: str) -> None:
+    """Announces the record; a failure (the DHT slow or unreachable) is logged, never raised: a missed
+    heartbeat is retried at the next one."""
+    try:
+        dht.announce(model_id, record, ttl)
+    except Exception as error:
+        logger.warning("%s failed: %s", what, error or type(error).__name__)

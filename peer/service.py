@@ -1,37 +1,32 @@
-"""The peer's gRPC service: Forward (stateless) and Inference (a stream holding a KV cache).
+"""The peer's gRPC service: Forward (stateless) and Inference (a stream holding a KV cache); the training
+RPCs it forwards to `TrainingService` (peer/training_rpcs.py).
 
-Every request is validated against the model config and this peer's span before it touches the blocks;
-anything wrong is refused with a precise status code and the peer keeps serving. All computation runs on
-one long-lived runtime thread (as in hivemind's and Petals' servers): concurrent sessions share the cores
-instead of oversubscribing them, and on a GPU the thread keeps its CUDA and cuBLAS state warm, where gRPC's
-pool would spread steps over many threads.
+Every request is validated against the model config and this peer's span before it touches the blocks
+(`RequestChecker`, peer/requests.py, shared with training); anything wrong is refused with a precise status
+code and the peer keeps serving. All computation runs on the peer's one runtime thread (peer/runtime.py).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 import torch
 
-from tsotsa.codec import FLOAT_DTYPES, WireError, decode, encode
+from tsotsa.codec import encode
 from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.errors import PeerError, refusals
+from tsotsa.peer.requests import RequestChecker
+from tsotsa.peer.runtime import Runtime
 from tsotsa.peer.sessions import Session, SessionTable
-from tsotsa.peer.training import TrainingRun
-from tsotsa.peer.training_rpcs import TrainingRpcs
+from tsotsa.peer.training_rpcs import TrainingService
 
 logger = logging.getLogger(__name__)
-INDEX_DTYPES = ("int64", "int32")
-MASK_DTYPES = ("int64", "int32", "bool")
-T = TypeVar("T")
 
 
 @dataclass
@@ -42,17 +37,16 @@ class PeerLimits:
     session_timeout: float = 300.0
 
 
-class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
+class PeerService(pb_grpc.PeerServicer):
     def __init__(self, span: BlockSpan, model_id: str, num_model_blocks: int, limits: PeerLimits,
                  info: Callable[[], pb.PeerInfo]) -> None:
-        self.span, self.model_id, self.limits, self._info = span, model_id, limits, info
-        self.num_model_blocks = num_model_blocks
-        self.config = span.config
+        self.span, self._info = span, info
         self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout)
         self.accepting = True
         self.adapters = Adapters(span)
-        self.runs: dict[str, TrainingRun] = {}
-        self._runtime = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
+        self.checker = RequestChecker(model_id, span.config, num_model_blocks, span.span, limits.max_forward_tokens)
+        self.runtime = Runtime()
+        self.training = TrainingService(span, self.adapters, self.checker, self.runtime)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -61,16 +55,12 @@ class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
 
     @refusals("forward")
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
-        self._check_model_and_blocks(request.model_id, request.start_block, request.end_block)
-        self._check_adapter(request.adapter)
-        hidden = self._decode_hidden(request.hidden_states)
+        self._check_route(request.model_id, request.start_block, request.end_block, request.adapter)
+        hidden = self.checker.hidden(request.hidden_states)
         batch, length = hidden.shape[:2]
-        if batch * length > self.limits.max_forward_tokens:
-            raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"{batch * length} tokens exceed this peer's limit of "
-                            f"{self.limits.max_forward_tokens} per Forward")
-        mask = self._decode_mask(request, batch, length)
-        positions = self._decode_positions(request, batch, length, mask)
+        self.checker.check_tokens(batch, length, per="Forward")
+        mask = self.checker.mask(request, batch, length)
+        positions = self.checker.positions(request, batch, length, mask)
         output = self._compute(request.adapter, hidden, mask, positions, None, request.start_block, request.end_block)
         return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
 
@@ -105,10 +95,35 @@ class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
             if session is not None:
                 self.sessions.close(session)
 
-    # --------------------------------------------------------------- helpers
+    # ------------------------------------------------- training RPCs, answered by TrainingService
 
-    def _on_runtime(self, work: Callable[[], T]) -> T:
-        return self._runtime.submit(work).result()
+    def OpenTraining(self, request: pb.OpenTrainingRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        return self.training.OpenTraining(request, context)
+
+    def TrainForward(self, request: pb.TrainForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        return self.training.TrainForward(request, context)
+
+    def TrainBackward(self, request: pb.TrainBackwardRequest, context: grpc.ServicerContext
+                      ) -> pb.TrainBackwardResponse:
+        return self.training.TrainBackward(request, context)
+
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        return self.training.Step(request, context)
+
+    def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        return self.training.Discard(request, context)
+
+    def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterState:
+        return self.training.GetAdapter(request, context)
+
+    def SetAdapter(self, request: pb.SetAdapterRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        return self.training.SetAdapter(request, context)
+
+    def CloseTraining(self, request: pb.CloseTrainingRequest, context: grpc.ServicerContext
+                      ) -> pb.CloseTrainingResponse:
+        return self.training.CloseTraining(request, context)
+
+    # --------------------------------------------------------------- helpers
 
     def _compute(self, adapter: str, hidden: torch.Tensor, *args) -> torch.Tensor:
         """Runs the span with `adapter` (empty: none) on the runtime thread; the output comes back on the CPU,
@@ -119,22 +134,23 @@ class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
             self.adapters.activate(adapter or None)
             return self.span(hidden, *args).to("cpu", hidden.dtype)
 
-        return self._on_runtime(run)
+        return self.runtime.run(run)
 
     def _check_adapter(self, name: str) -> None:
         if name and name not in self.adapters:
             raise PeerError(grpc.StatusCode.NOT_FOUND, f"adapter {name[:80]!r} is not loaded on this peer")
 
+    def _check_route(self, model_id: str, start: int, end: int, adapter: str) -> None:
+        """What a Forward or a new session asks for: this model, blocks served here, a loaded adapter (if any)."""
+        self.checker.check_model(model_id)
+        self.checker.check_blocks(start, end)
+        self._check_adapter(adapter)
+
     def _open(self, session_id: str, request: pb.OpenSession) -> Session:
         if not self.accepting:
             raise PeerError(grpc.StatusCode.UNAVAILABLE, "peer is draining and takes no new sessions")
-        self._check_model_and_blocks(request.model_id, request.start_block, request.end_block)
-        self._check_adapter(request.adapter)
-        if request.batch_size < 1:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "batch_size must be at least 1")
-        limit = self.config.max_position_embeddings
-        if not 1 <= request.max_length <= limit:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in 1..{limit}")
+        self._check_route(request.model_id, request.start_block, request.end_block, request.adapter)
+        self.checker.check_session(request.batch_size, request.max_length)
         blocks = request.end_block - request.start_block
         reserved = self.span.cache_bytes(request.batch_size, request.max_length, blocks)
         session = Session(
@@ -148,7 +164,7 @@ class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
     def _step(self, session: Session, step: pb.InferenceStep) -> pb.Tensor:
         """One step of a session that `touch` just found open; nothing changes unless the step is valid."""
         cache = session.cache  # held here: if the session expires while waiting for the lock, this step still ends
-        hidden = self._decode_hidden(step.hidden_states)
+        hidden = self.checker.hidden(step.hidden_states)
         batch, length = hidden.shape[:2]
         if batch != session.batch_size:
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -156,66 +172,12 @@ class PeerService(TrainingRpcs, pb_grpc.PeerServicer):
         if session.length + length > session.max_length:
             raise PeerError(grpc.StatusCode.OUT_OF_RANGE,
                             f"{session.length} + {length} tokens exceed the session's max_length {session.max_length}")
-        new_mask = self._decode_mask(step, batch, length)
+        new_mask = self.checker.mask(step, batch, length)
         mask = torch.cat([session.attention_mask, new_mask], dim=1)
         if step.HasField("position_ids"):
-            positions = self._decode_positions(step, batch, length, new_mask)
+            positions = self.checker.positions(step, batch, length, new_mask)
         else:
             positions = position_ids_from_mask(mask)[:, -length:]
         output = self._compute(session.adapter, hidden, mask, positions, cache, session.start, session.end)
         session.attention_mask = mask
         return encode(output, hidden.dtype)
-
-    def _check_model(self, model_id: str) -> None:
-        if model_id != self.model_id:
-            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"this peer serves model {self.model_id}, not {model_id!r}")
-
-    def _check_model_and_blocks(self, model_id: str, start: int, end: int) -> None:
-        self._check_model(model_id)
-        num_blocks = self.num_model_blocks
-        if not start < end:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"empty block range {start}:{end}")
-        if end > num_blocks:
-            raise PeerError(grpc.StatusCode.OUT_OF_RANGE, f"blocks {start}:{end} are outside the model's {num_blocks}")
-        if start < self.span.span.start or end > self.span.span.end:
-            raise PeerError(grpc.StatusCode.OUT_OF_RANGE,
-                            f"blocks {start}:{end} are not served here (this peer serves {self.span.span})")
-
-    def _decode_hidden(self, message: pb.Tensor) -> torch.Tensor:
-        try:
-            hidden = decode(message, what="hidden_states", ndim=3, last_dim=self.config.hidden_size,
-                            allowed=FLOAT_DTYPES)
-        except WireError as error:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        if hidden.shape[0] < 1 or hidden.shape[1] < 1:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden_states shape {list(hidden.shape)} is empty")
-        return hidden
-
-    def _decode_mask(self, message, batch: int, length: int) -> torch.Tensor:
-        if not message.HasField("attention_mask"):
-            return torch.ones(batch, length, dtype=torch.long)
-        mask = self._decode_index(message.attention_mask, "attention_mask", batch, length, MASK_DTYPES)
-        if ((mask != 0) & (mask != 1)).any():
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "attention_mask must hold only 0 and 1")
-        return mask.long()
-
-    def _decode_positions(self, message, batch: int, length: int, mask: torch.Tensor) -> torch.Tensor:
-        if not message.HasField("position_ids"):
-            return position_ids_from_mask(mask)
-        positions = self._decode_index(message.position_ids, "position_ids", batch, length, INDEX_DTYPES).long()
-        limit = self.config.max_position_embeddings
-        if ((positions < 0) | (positions >= limit)).any():
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"position_ids must be in 0..{limit - 1}")
-        return positions
-
-    @staticmethod
-    def _decode_index(message: pb.Tensor, what: str, batch: int, length: int, allowed: tuple[str, ...]) -> torch.Tensor:
-        try:
-            tensor = decode(message, what=what, ndim=2, allowed=allowed)
-        except WireError as error:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-        if tuple(tensor.shape) != (batch, length):
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{what} shape {list(tensor.shape)} does not match hidden_states ({batch}, {length})")
-        return tensor

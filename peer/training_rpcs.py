@@ -1,7 +1,8 @@
-"""The peer's training RPCs (OpenTraining … CloseTraining), mixed into `PeerService`.
+"""The peer's training RPCs (OpenTraining … CloseTraining): `TrainingService`, to which `PeerService` forwards them.
 
 Each one validates before it changes anything and runs its computation on the peer's runtime thread, as
-inference does: training and serving share the blocks and take turns on them.
+inference does: training and serving share the blocks and take turns on them. What it shares with inference
+is handed to it explicitly: the blocks, their adapters, the request checks and the runtime thread.
 """
 
 from __future__ import annotations
@@ -11,18 +12,27 @@ import math
 import grpc
 import torch
 
-from tsotsa.codec import FLOAT_DTYPES, WireError, decode, encode
+from tsotsa.codec import FLOAT_DTYPES, encode
+from tsotsa.spans import BlockSpan
 from tsotsa.training.lora import check_run_name, lora_from_spec, optimizer_from_spec
 from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.errors import PeerError, refusals
+from tsotsa.peer.requests import RequestChecker
+from tsotsa.peer.runtime import Runtime
 from tsotsa.peer.training import TrainingRun
 
-class TrainingRpcs:
-    """Needs from the service: span, adapters, runs, _check_model, _on_runtime, _decode_hidden, _decode_mask."""
+
+class TrainingService:
+    """The fine-tuning runs open on this peer (`runs`, by name) and the RPCs that drive them."""
+
+    def __init__(self, span: BlockSpan, adapters: Adapters, checker: RequestChecker, runtime: Runtime) -> None:
+        self.span, self.adapters, self.checker, self.runtime = span, adapters, checker, runtime
+        self.runs: dict[str, TrainingRun] = {}
 
     @refusals("OpenTraining")
-    def OpenTraining(self, request: pb.OpenTrainingRequest, context) -> pb.TrainingState:
-        self._check_model(request.model_id)
+    def OpenTraining(self, request: pb.OpenTrainingRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        self.checker.check_model(request.model_id)
         try:
             check_run_name(request.run)
             lora, optimizer = lora_from_spec(request.lora), optimizer_from_spec(request.lora)
@@ -48,68 +58,59 @@ class TrainingRpcs:
             self.runs[request.run] = run
             return run
 
-        return self._training_state(self._on_runtime(open_run))
+        return self._training_state(self.runtime.run(open_run))
 
     @refusals("TrainForward")
-    def TrainForward(self, request: pb.TrainForwardRequest, context) -> pb.ForwardResponse:
+    def TrainForward(self, request: pb.TrainForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         run = self._run(request.run)
-        hidden = self._decode_hidden(request.hidden_states)
+        hidden = self.checker.hidden(request.hidden_states)
         batch, length = hidden.shape[:2]
-        if batch * length > self.limits.max_forward_tokens:
-            raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{batch * length} tokens exceed this peer's limit "
-                            f"of {self.limits.max_forward_tokens} per micro-batch")
-        mask = self._decode_mask(request, batch, length)
-        output = self._on_runtime(lambda: run.forward(request.micro_batch, hidden, mask, not request.no_input_grad)
+        self.checker.check_tokens(batch, length, per="micro-batch")
+        mask = self.checker.mask(request, batch, length)
+        output = self.runtime.run(lambda: run.forward(request.micro_batch, hidden, mask, not request.no_input_grad)
                                   .to("cpu", hidden.dtype))
         return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
 
     @refusals("TrainBackward")
-    def TrainBackward(self, request: pb.TrainBackwardRequest, context) -> pb.TrainBackwardResponse:
+    def TrainBackward(self, request: pb.TrainBackwardRequest, context: grpc.ServicerContext
+                      ) -> pb.TrainBackwardResponse:
         run = self._run(request.run)
-        try:
-            grad = decode(request.grad_output, what="grad_output", ndim=3, last_dim=self.config.hidden_size,
-                          allowed=FLOAT_DTYPES)
-        except WireError as error:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        grad = self.checker.states(request.grad_output, "grad_output")
 
         def backward() -> torch.Tensor | None:
             grad_input = run.backward(request.micro_batch, grad, request.want_grad_input)
             return None if grad_input is None else grad_input.to("cpu", grad.dtype)
 
-        grad_input = self._on_runtime(backward)
+        grad_input = self.runtime.run(backward)
         return pb.TrainBackwardResponse(grad_input=encode(grad_input, grad.dtype) if grad_input is not None else None)
 
     @refusals("Step")
-    def Step(self, request: pb.StepRequest, context) -> pb.TrainingState:
+    def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.TrainingState:
         run = self._run(request.run)
         lr = request.lr if request.HasField("lr") else run.optimizer_settings.lr
         if not (math.isfinite(lr) and lr >= 0):
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "lr must be a finite number, not negative")
-        self._on_runtime(lambda: run.step(request.samples, lr))
+        self.runtime.run(lambda: run.step(request.samples, lr))
         return self._training_state(run)
 
     @refusals("Discard")
-    def Discard(self, request: pb.DiscardRequest, context) -> pb.TrainingState:
+    def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.TrainingState:
         run = self._run(request.run)
-        self._on_runtime(run.discard)
+        self.runtime.run(run.discard)
         return self._training_state(run)
 
     @refusals("GetAdapter")
-    def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.AdapterState:
+    def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterState:
         run = self._run(request.run)
-        state = self._on_runtime(lambda: self.adapters.state(run.name))
+        state = self.runtime.run(lambda: self.adapters.state(run.name))
         return pb.AdapterState(state=self._training_state(run), tensors=[
             pb.NamedTensor(name=key, tensor=encode(tensor)) for key, tensor in sorted(state.items())])
 
     @refusals("SetAdapter")
-    def SetAdapter(self, request: pb.SetAdapterRequest, context) -> pb.TrainingState:
+    def SetAdapter(self, request: pb.SetAdapterRequest, context: grpc.ServicerContext) -> pb.TrainingState:
         run = self._run(request.run)
-        state = {}
-        for item in request.tensors:
-            try:
-                state[item.name] = decode(item.tensor, what=item.name, ndim=2, allowed=FLOAT_DTYPES)
-            except WireError as error:
-                raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        state = {item.name: self.checker.tensor(item.tensor, item.name, ndim=2, allowed=FLOAT_DTYPES)
+                 for item in request.tensors}
         if len(state) != len(request.tensors):
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "adapter tensors are named twice")
 
@@ -119,18 +120,19 @@ class TrainingRpcs:
             except ValueError as error:
                 raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
-        self._on_runtime(load)
+        self.runtime.run(load)
         return self._training_state(run)
 
     @refusals("CloseTraining")
-    def CloseTraining(self, request: pb.CloseTrainingRequest, context) -> pb.CloseTrainingResponse:
+    def CloseTraining(self, request: pb.CloseTrainingRequest, context: grpc.ServicerContext
+                      ) -> pb.CloseTrainingResponse:
         run = self._run(request.run)
 
         def close() -> None:
             del self.runs[run.name]
             run.close(keep_adapter=request.keep)
 
-        self._on_runtime(close)
+        self.runtime.run(close)
         return pb.CloseTrainingResponse()
 
     # ------------------------------------------------------------------ helpers

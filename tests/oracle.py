@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 
-from tsotsa.client.model import SwarmModel
+from tsotsa.client.model import GenerationStats, SwarmModel
 
 PROMPTS = ["The swarm pools ordinary lab machines", "Once upon"]
 
@@ -22,8 +22,12 @@ def max_logit_difference(model: SwarmModel, reference: LlamaForCausalLM, prompts
     return (swarm_logits - expected)[batch["attention_mask"].bool()].abs().max().item()
 
 
-def assert_greedy_matches(model: SwarmModel, reference: LlamaForCausalLM, prompts: list[str], new_tokens: int) -> None:
+def assert_greedy_matches(model: SwarmModel, reference: LlamaForCausalLM, prompts: list[str], new_tokens: int
+                          ) -> GenerationStats:
+    """Asserts the swarm's greedy tokens are transformers'; returns the call's statistics."""
     batch = encode_prompts(model, prompts)
-    produced = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=new_tokens)
+    produced, stats = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=new_tokens,
+                                     return_stats=True)
     expected = reference.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
     assert produced.tolist() == expected.tolist()
+    return stats

@@ -10,7 +10,7 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from tsotsa.coordinator.data import parse_jsonl  # noqa: E402
-from tsotsa.coordinator.runs_client import RunsClient  # noqa: E402
+from tsotsa.coordinator_client import CoordinatorClient  # noqa: E402
 from tsotsa.errors import TsotsaError  # noqa: E402
 from tsotsa.training.datasets_dir import DatasetDirError, jsonl_from_dataset_dir  # noqa: E402
 from tsotsa.v1 import tsotsa_pb2 as pb  # noqa: E402
@@ -158,9 +158,9 @@ class _RecordingStub:
 
 
 def create(train: Path, eval: Path | None) -> pb.CreateRunRequest:
-    with RunsClient("127.0.0.1:1", admin_token="secret") as client:  # the channel is never used
+    with CoordinatorClient("127.0.0.1:1", admin_token="secret") as client:  # the channel is never used
         client._stub = stub = _RecordingStub()
-        client.create("run", pb.RunConfig(), train, eval)
+        client.create_run("run", pb.RunConfig(), train, eval)
     return stub.requests[0]
 
 

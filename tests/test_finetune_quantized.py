@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tsotsa.coordinator.runs_client import RunsClient
+from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.v1 import tsotsa_pb2 as pb
 
 from conftest import start_swarm
@@ -25,10 +25,10 @@ def test_qlora_on_nf4_peers_learns(swarm, tmp_path):
     config = pb.RunConfig(rounds=3, steps_per_round=6, micro_batch=4, grad_accum=1, seq_len=64, lora_r=8,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lr=2e-2, seed=5,
                           gradient_checkpointing=True)
-    with RunsClient(swarm.coordinator_address, admin_token=ADMIN) as client:
-        client.create("qlora", config, data, data)
-        list(client.watch("qlora"))
-        info = client.get("qlora")
+    with CoordinatorClient(swarm.coordinator_address, admin_token=ADMIN) as client:
+        client.create_run("qlora", config, data, data)
+        list(client.watch_run("qlora"))
+        info = client.run("qlora")
     assert info.state == "finished", info.message
     losses = [r.eval_loss for r in info.rounds]
     assert losses[0] > losses[1] > losses[2], losses

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tsotsa.coordinator.runs_client import RunsClient
+from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.training.export import read_adapter
 from tsotsa.v1 import tsotsa_pb2 as pb
 
@@ -48,10 +48,10 @@ def replicas(checkpoint: str) -> list[tuple[dict[str, torch.Tensor], int]]:
 
 @pytest.fixture(scope="module")
 def averaged_run(swarm, data) -> pb.RunInfo:
-    with RunsClient(swarm.coordinator_address, admin_token=ADMIN) as client:
-        client.create("averaged", config(rounds=3, steps=6), data, data)
-        list(client.watch("averaged"))
-        return client.get("averaged")
+    with CoordinatorClient(swarm.coordinator_address, admin_token=ADMIN) as client:
+        client.create_run("averaged", config(rounds=3, steps=6), data, data)
+        list(client.watch_run("averaged"))
+        return client.run("averaged")
 
 
 def test_aggregated_delta_w_is_the_sample_weighted_mean_of_the_replicas(averaged_run):
@@ -84,11 +84,11 @@ def test_killed_replicas_cost_only_their_unfinished_micro_batches(swarm, data):
     steps = 40
     first, second = [peer for peer in swarm.peers if peer.start == 0]
     killed: list[str] = []
-    with RunsClient(swarm.coordinator_address, admin_token=ADMIN) as client:
-        client.create("faults", config(rounds=3, steps=steps), data, None)
+    with CoordinatorClient(swarm.coordinator_address, admin_token=ADMIN) as client:
+        client.create_run("faults", config(rounds=3, steps=steps), data, None)
         waiting_message = ""
         newcomer = None
-        for event in client.watch("faults"):
+        for event in client.watch_run("faults"):
             if event.kind == "step" and event.round == 0 and not killed:
                 swarm.kill_peer(first)
                 killed.append(first.peer_id)
@@ -98,7 +98,7 @@ def test_killed_replicas_cost_only_their_unfinished_micro_batches(swarm, data):
             elif event.kind == "state" and event.state == "waiting":
                 waiting_message = event.message
                 newcomer = swarm.add_peers(["0:2"])[0]
-        info = client.get("faults")
+        info = client.run("faults")
     assert info.state == "finished", info.message
     assert "no peer serves blocks 0:2" in waiting_message
     for round_info in info.rounds:

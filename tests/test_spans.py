@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from tsotsa.checkpoint import Checkpoint, block_prefix
 from tsotsa.client.routing import plan_route
 from tsotsa.codec import WireError, decode, encode
-from tsotsa.dht import ServerRecord
+from tsotsa.records import ServerRecord, ServerState
 from tsotsa.errors import SwarmError
 from tsotsa.peer.selection import choose_span
 from tsotsa.spans import BlockSpan, SpanSpec, position_ids_from_mask
@@ -67,7 +67,8 @@ def test_codec_round_trip_and_validation() -> None:
 
 
 def _server(name: str, start: int, end: int, throughput: float, state: str = "online") -> ServerRecord:
-    return ServerRecord(peer_id=name, address=f"{name}:1", start=start, end=end, state=state, throughput=throughput)
+    return ServerRecord(peer_id=name, address=f"{name}:1", start=start, end=end, state=ServerState(state),
+                        throughput=throughput)
 
 
 def test_route_prefers_fast_peers_and_fewer_hops() -> None:

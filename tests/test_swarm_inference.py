@@ -35,9 +35,9 @@ def test_forward_logits_match_transformers(model: SwarmModel, reference: LlamaFo
 
 
 def test_greedy_generation_equals_transformers_token_for_token(model, reference) -> None:
-    assert_greedy_matches(model, reference, PROMPTS[:1], new_tokens=32)
-    assert model.last_generate_stats["new_tokens"] == 32
-    assert model.last_generate_stats["hops"] == 3
+    stats = assert_greedy_matches(model, reference, PROMPTS[:1], new_tokens=32)
+    assert stats.new_tokens == 32
+    assert stats.hops == 3
 
 
 def test_batch_of_prompts_of_different_lengths(model, reference) -> None:

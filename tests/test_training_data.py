@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tsotsa.coordinator.data import (
-    IGNORE_INDEX, MAX_LINE_BYTES, DataError, Example, Row, collate, epoch_order, load_examples, micro_batches,
-    parse_jsonl, tokenize,
-)
+from tsotsa.coordinator.data import MAX_LINE_BYTES, DataError, Row, load_examples, parse_jsonl, tokenize
 from tsotsa.errors import TsotsaError
+from tsotsa.training.batches import Example, collate, epoch_order, micro_batches
+from tsotsa.training.loss import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,19 @@ from transformers import LlamaConfig
 
 from tsotsa.errors import CheckpointError
 
-HEAD_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")
+HEAD_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")  # what clients and the coordinator hold
+BLOCKS_PREFIX = "model.layers."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 def block_prefix(index: int) -> str:
-    return f"model.layers.{index}."
+    return f"{BLOCKS_PREFIX}{index}."
+
+
+def head_dim(config: LlamaConfig) -> int:
+    """Width of one attention head: the config's `head_dim` where it sets one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def load_config(model_dir: Path) -> LlamaConfig:

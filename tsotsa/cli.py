@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import parse_dtype, run_command
+from tsotsa.console import CoordinatorAddress, SwarmToken, parse_dtype, run_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tsotsa: Llama inference across a swarm.")
 
@@ -46,7 +46,7 @@ def make_tiny_model_command(
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
-    coordinator: str = typer.Option(None, help="Coordinator HOST:PORT."),
+    coordinator: CoordinatorAddress = None,
     model: Path = typer.Option(None, "--model", help="Local checkpoint for the head (with --initial-peers)."),
     initial_peers: str = typer.Option(None, help="DHT multiaddrs, comma-separated (coordinator not needed)."),
     max_new_tokens: int = typer.Option(32, help="Tokens to generate."),
@@ -58,8 +58,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line instead of streaming text."),
     adapter: str = typer.Option(None, help="A fine-tuning run whose adapter the peers apply (the base model "
                                            "when not given)."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
-                              help="Swarm token (or TSOTSA_TOKEN); every call carries it."),
+    token: SwarmToken = None,
 ) -> None:
     """Generate a continuation of PROMPT through the swarm, streaming tokens as they come."""
 
@@ -94,36 +93,34 @@ def generate(
 
             if not as_json:
                 sys.stdout.write(prompt)
-            swarm_model.generate(prompt_ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed,
-                                 on_tokens=stream, adapter=adapter)
-            stats = swarm_model.last_generate_stats
+            _, stats = swarm_model.generate(prompt_ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                            temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed,
+                                            on_tokens=stream, adapter=adapter, return_stats=True)
             if as_json:
                 print(json.dumps({
                     "prompt_ids": prompt_ids[0].tolist(),
                     "output_ids": produced,
                     "text": tokenizer.decode(produced, skip_special_tokens=True),
-                    "tokens_per_s": round(stats["tokens_per_s"], 3),
+                    "tokens_per_s": round(stats.tokens_per_s, 3),
                 }))
             else:
                 print(flush=True)
-                print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tok/s, "
-                      f"{stats['hops']} hops]", file=sys.stderr)
+                print(f"[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {stats.hops} hops]",
+                      file=sys.stderr)
 
     run_command(body)
 
 
 @app.command()
 def status(
-    coordinator: str = typer.Option(..., help="Coordinator HOST:PORT."),
+    coordinator: CoordinatorAddress = ...,
     as_json: bool = typer.Option(False, "--json", help="Print the swarm map as JSON."),
-    token: str = typer.Option(None, envvar="TSOTSA_TOKEN", show_default=False,
-                              help="Swarm token (or TSOTSA_TOKEN); every call carries it."),
+    token: SwarmToken = None,
 ) -> None:
     """Print the swarm map: every block, the peers serving it, their state and throughput."""
 
     def body() -> None:
-        from tsotsa.remote import CoordinatorClient
+        from tsotsa.coordinator_client import CoordinatorClient
         from tsotsa.swarm_map import print_swarm_map, swarm_map_json
 
         with CoordinatorClient(coordinator, token=token) as client:

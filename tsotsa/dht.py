@@ -1,115 +1,165 @@
-"""Span records in the hivemind DHT: how peers announce themselves and how everyone finds them.
+"""The hivemind DHT as every role uses it: start a node, announce a span, find the live peers.
 
 Per served block i a peer stores `key = f"{model_id}.block.{i}"`, `subkey = its peer id`, and a small dict
-value (gRPC address, span, state, throughput, ...) that expires unless the peer's heartbeat refreshes
-it, so a dead peer disappears from routes and the swarm map without anyone cleaning up.
+value (`tsotsa.records.ServerRecord`) that expires unless the peer's heartbeat refreshes it, so a dead peer
+disappears from routes and the swarm map without anyone cleaning up. Readers check every record they
+find (`ServerRecord.from_dht`) and drop the ones that fail.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, fields
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import hivemind
 from hivemind.utils import get_dht_time
 
 from tsotsa.errors import SwarmError
+from tsotsa.records import MAX_RECORD_LIFETIME, REJECTED, RecordError, ServerRecord, check_multiaddr
 
-STATES = ("joining", "online", "draining")
-
-
-@dataclass
-class ServerRecord:
-    peer_id: str
-    address: str            # host:port of the peer's gRPC server
-    start: int
-    end: int
-    state: str
-    throughput: float       # tokens/s of one decode step through the whole span
-    device: str = "cpu"
-    dtype: str = "float32"
-    quant: str = "none"
-    adapters: list[str] = field(default_factory=list)
-    dht_addresses: list[str] = field(default_factory=list)  # the peer's DHT multiaddrs: others bootstrap from them
-    expires_at: float = 0.0  # filled in when read back from the DHT
-
-    def as_value(self) -> dict:
-        value = asdict(self)
-        value.pop("expires_at")
-        return value
-
-
-RECORD_FIELDS = {f.name for f in fields(ServerRecord)} - {"expires_at"}
+DHT_START_TIMEOUT = 45.0
+DHT_START_ATTEMPTS = 3
+DHT_TIMEOUT = 20.0
 
 
 def block_key(model_id: str, index: int) -> str:
     return f"{model_id}.block.{index}"
 
 
-DHT_START_TIMEOUT = 45.0
-DHT_START_ATTEMPTS = 3
+class SwarmDHT:
+    """A running hivemind DHT node, safe to share between threads.
+
+    hivemind's `DHT` sends every request to its node process over one pipe without a lock, so two threads
+    calling it at once can interleave their messages; every call here takes the lock for the send only (the
+    waits for replies run in parallel).
+    """
+
+    def __init__(self, dht: hivemind.DHT, timeout: float = DHT_TIMEOUT) -> None:
+        self._dht, self.timeout = dht, timeout
+        self._lock = threading.Lock()
+        self.peer_id: str = dht.peer_id.to_base58()
+
+    def _run(self, coroutine: Callable, timeout: float | None = None) -> Any:
+        with self._lock:
+            future = self._dht.run_coroutine(coroutine, return_future=True)
+        return future.result(timeout=timeout or self.timeout)
+
+    def visible_maddrs(self) -> list[str]:
+        with self._lock:
+            return [str(maddr) for maddr in self._dht.get_visible_maddrs()]
+
+    def announce(self, model_id: str, record: ServerRecord, ttl: float) -> None:
+        """Stores the record under every block of its span, valid for `ttl` seconds from now."""
+        if not 0 < ttl <= MAX_RECORD_LIFETIME:
+            raise ValueError(f"record ttl must be in (0, {MAX_RECORD_LIFETIME:g}] seconds")
+        keys = [block_key(model_id, i) for i in range(record.start, record.end)]
+        self._run(functools.partial(_store, keys=keys, subkey=self.peer_id, value=record.as_value(),
+                                    expiration=get_dht_time() + ttl))
+
+    def find_servers(self, model_id: str, num_blocks: int) -> dict[str, ServerRecord]:
+        """Every live peer serving any block of the model, by peer id; invalid records are dropped."""
+        keys = [block_key(model_id, i) for i in range(num_blocks)]
+        found = self._run(functools.partial(_get_many, keys=keys))
+        return valid_records(found, keys, num_blocks, get_dht_time())
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._dht.shutdown()
+
+
+def valid_records(found: dict, keys: list[str], num_blocks: int, now: float) -> dict[str, ServerRecord]:
+    """The checked records of a `get_many` answer; per peer id, the one that expires last."""
+    servers: dict[str, ServerRecord] = {}
+    for block, key in enumerate(keys):
+        entry = found.get(key)
+        if entry is None:
+            continue
+        if not isinstance(entry.value, dict):
+            REJECTED.add(f"block key holds a {type(entry.value).__name__}, not a dictionary of records")
+            continue
+        for subkey, item in entry.value.items():
+            try:
+                record = ServerRecord.from_dht(subkey, item.value, item.expiration_time, block=block,
+                                               num_blocks=num_blocks, now=now)
+            except RecordError as error:
+                REJECTED.add(str(error))
+                continue
+            known = servers.get(record.peer_id)
+            if known is None or known.expires_at < record.expires_at:
+                servers[record.peer_id] = record
+    return servers
 
 
 def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False,
-              identity_path: str | None = None, ensure_bootstrap_success: bool = True) -> hivemind.DHT:
+              identity_path: str | None = None, timeout: float = DHT_TIMEOUT,
+              start_timeout: float = DHT_START_TIMEOUT, attempts: int = DHT_START_ATTEMPTS) -> SwarmDHT:
     """Starts a hivemind DHT node (a forked child with its p2p daemon) bootstrapped from `initial_peers`.
 
     hivemind forks the calling process; when that process already runs threads (gRPC's, torch's), the
     child can deadlock at random before it is ready (seen here: stuck spawning p2pd). A child not ready in
-    time is killed and forked again. `identity_path` keeps the node's peer id across restarts (the
-    coordinator's: peers' routing tables still point at it when it comes back on the same port).
+    time is killed and forked again. `identity_path` keeps the node's peer id across restarts.
     """
-    for _ in range(DHT_START_ATTEMPTS):
+    for _ in range(attempts):
         dht = hivemind.DHT(
             initial_peers=initial_peers or None,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             client_mode=client_mode,
             identity_path=identity_path,
-            ensure_bootstrap_success=ensure_bootstrap_success,
             start=False,
         )
         dht.run_in_background(await_ready=False)
         try:
-            dht.wait_until_ready(timeout=DHT_START_TIMEOUT)
-            return dht
+            dht.wait_until_ready(timeout=start_timeout)
+            return SwarmDHT(dht, timeout)
         except TimeoutError:
-            dht.kill()
-            dht.join(5)
-    raise SwarmError(f"the DHT node did not start in {DHT_START_ATTEMPTS} attempts of {DHT_START_TIMEOUT:g} s")
+            _kill(dht)
+        except BaseException:
+            _kill(dht)
+            raise
+    raise SwarmError(f"the DHT node did not start in {attempts} attempts of {start_timeout:g} s")
 
 
-DHT_TIMEOUT = 20.0
+def start_bootstrap_dht(remembered: list[str], host: str, port: int, identity_path: str) -> SwarmDHT:
+    """The coordinator's node: the swarm's bootstrap node, which remembered peers are only a hint for.
+
+    hivemind's daemon refuses to start when none of its initial peers answers (after a power cut, or when
+    another swarm on the machine left those addresses behind), so only the remembered peers whose port
+    answers now are given, and a node that still cannot reach them starts alone: peers that come back
+    bootstrap from it.
+    """
+    alive = reachable(remembered)
+    if alive:
+        try:
+            return start_dht(alive, host=host, port=port, identity_path=identity_path)
+        except Exception:  # they went away in the meantime: hivemind's daemon error, or a timeout
+            pass
+    return start_dht([], host=host, port=port, identity_path=identity_path)
 
 
-def announce(dht: hivemind.DHT, model_id: str, record: ServerRecord, ttl: float) -> None:
-    """Stores the record under every block of its span, valid for `ttl` seconds from now."""
-    keys = [block_key(model_id, i) for i in range(record.start, record.end)]
-    store = functools.partial(_store, keys=keys, subkey=record.peer_id, value=record.as_value(),
-                              expiration=get_dht_time() + ttl)
-    dht.run_coroutine(store, return_future=True).result(timeout=DHT_TIMEOUT)
+def reachable(maddrs: list[str], timeout: float = 1.0) -> list[str]:
+    """The multiaddrs whose TCP port accepts a connection now (checked in parallel)."""
+
+    def answers(text: str) -> bool:
+        try:
+            maddr = check_multiaddr(text)
+            host = maddr["ip4"] if "ip4" in maddr else maddr["ip6"]
+            with socket.create_connection((host, int(maddr["tcp"])), timeout=timeout):
+                return True
+        except (OSError, KeyError, ValueError, RecordError):
+            return False
+
+    if not maddrs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(maddrs))) as pool:
+        return [maddr for maddr, ok in zip(maddrs, pool.map(answers, maddrs)) if ok]
 
 
-def find_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> dict[str, ServerRecord]:
-    """Every live peer serving any block of the model, by peer id."""
-    keys = [block_key(model_id, i) for i in range(num_blocks)]
-    found = dht.run_coroutine(functools.partial(_get_many, keys=keys), return_future=True).result(timeout=DHT_TIMEOUT)
-    servers: dict[str, ServerRecord] = {}
-    for entry in found.values():
-        if entry is None or not isinstance(entry.value, dict):
-            continue
-        for subkey, item in entry.value.items():
-            value = item.value
-            if not isinstance(value, dict):
-                continue
-            try:  # fields a newer version added are dropped: an older reader still uses the record
-                record = ServerRecord(**{k: v for k, v in value.items() if k in RECORD_FIELDS},
-                                      expires_at=item.expiration_time)
-            except TypeError:
-                continue  # a record missing fields this version needs: ignore it rather than fail the lookup
-            known = servers.get(record.peer_id)
-            if known is None or known.expires_at < record.expires_at:
-                servers[record.peer_id] = record
-    return servers
+def _kill(dht: hivemind.DHT) -> None:
+    dht.kill()
+    dht.join(5)
 
 
 async def _store(_dht: hivemind.DHT, node, *, keys: list[str], subkey: str, value: dict, expiration: float) -> None:

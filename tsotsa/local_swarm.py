@@ -123,15 +123,17 @@ class LocalSwarm:
     peers: list[LocalPeer] = field(default_factory=list)
     coordinator: ManagedProcess | None = None
     _starting: list[ManagedProcess] = field(default_factory=list)
-    _own_state_dir: Path | None = None
+    _state_dirs: list[str] = field(default_factory=list)  # made by this swarm; removed by stop()
 
     def start_coordinator(self) -> str:
-        """Starts the coordinator; after `kill_coordinator`, a new one on the same ports and state."""
+        """Starts the coordinator; after `kill_coordinator`, a new one on the same ports and state. With
+        `coordinator_address` set beforehand, it listens there."""
         if self.state_dir is None:
-            self.state_dir = self._own_state_dir = Path(tempfile.mkdtemp(prefix="tsotsa-coordinator-"))
+            self.state_dir = Path(self._scratch("coordinator"))
         port, dht_port = "0", "0"
-        if self.coordinator_address:
+        if self.coordinator_address:  # a restart, or a port chosen in advance (peers may be started first)
             port = self.coordinator_address.rsplit(":", 1)[1]
+        if self.initial_peers:
             dht_port = re.search(r"/tcp/(\d+)/", self.initial_peers[0]).group(1)
         env = {**self._env(), **({"TSOTSA_ADMIN_TOKEN": self.admin_token} if self.admin_token else {})}
         self.coordinator = ManagedProcess("coordinator", [
@@ -164,6 +166,8 @@ class LocalSwarm:
             argv += ["--model", str(self.model_dir)]
         if self.cache_dir is not None:
             argv += ["--cache-dir", str(self.cache_dir)]
+        if "--state-dir" not in args:  # peers on one machine each need their own DHT identity
+            argv += ["--state-dir", self._scratch(f"peer-{len(self._state_dirs)}")]
         process = ManagedProcess(f"peer {blocks or '(auto)'}", [*argv, *args], self._env())
         self._starting.append(process)
         return process
@@ -204,8 +208,15 @@ class LocalSwarm:
         if self.coordinator is not None:
             self.coordinator.terminate()
             self.coordinator = None
-        if self._own_state_dir is not None:
-            shutil.rmtree(self._own_state_dir, ignore_errors=True)
+        for directory in self._state_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._state_dirs.clear()
+
+    def _scratch(self, name: str) -> str:
+        """A fresh state directory of this swarm's, removed when it stops."""
+        directory = tempfile.mkdtemp(prefix=f"tsotsa-{name}-")
+        self._state_dirs.append(directory)
+        return directory
 
     def __enter__(self) -> "LocalSwarm":
         return self

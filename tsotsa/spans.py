@@ -17,7 +17,7 @@ from transformers import DynamicCache, LlamaConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from tsotsa.checkpoint import block_prefix
+from tsotsa.checkpoint import block_prefix, head_dim
 
 QUANT_MODES = ("none", "nf4", "int8")
 
@@ -104,8 +104,7 @@ class BlockSpan(nn.Module):
     def cache_bytes(self, batch_size: int, max_length: int, blocks: int | None = None) -> int:
         """Bytes of keys and values that `max_length` tokens of `batch_size` sequences take in `blocks` of the
         span's blocks (default: all of them)."""
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        per_token = 2 * self.config.num_key_value_heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
+        per_token = 2 * self.config.num_key_value_heads * head_dim(self.config) * torch.empty((), dtype=self.dtype).element_size()
         return (blocks or self.span.length) * batch_size * max_length * per_token
 
     @torch.inference_mode()

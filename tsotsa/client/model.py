@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
-import hivemind
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint
-from tsotsa.client.session import InferenceSession
+from tsotsa.client.config import ClientConfig
+from tsotsa.client.session import Failures, InferenceSession
 from tsotsa.client.swarm import Swarm
 from tsotsa.codec import decode, encode
-from tsotsa.dht import start_dht
+from tsotsa.coordinator_client import CoordinatorClient
+from tsotsa.dht import SwarmDHT, start_dht
 from tsotsa.errors import SwarmError
 from tsotsa.head import ModelHead
-from tsotsa.remote import CoordinatorClient, cached_checkpoint, default_cache_dir
+from tsotsa.remote import cached_checkpoint, default_cache_dir
 from tsotsa.rpc import describe_rpc_error
 from tsotsa.spans import position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -32,47 +34,78 @@ from tsotsa.v1 import tsotsa_pb2 as pb
 TokenCallback = Callable[[torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one `generate` call measured (its own, whatever other threads generate at the same time)."""
+
+    new_tokens: int
+    seconds: float
+    tokens_per_s: float  # decode rate: tokens after the first, over the time after the first
+    hops: int            # peers on the route at the end of the call
+
+
 class SwarmModel:
-    def __init__(self, config: LlamaConfig, model_id: str, head: dict[str, torch.Tensor], dht: hivemind.DHT,
+    """A Llama whose transformer blocks run in the swarm, with the embeddings and LM head on this machine.
+
+    A caller may rely on: `generate` producing the tokens `LlamaForCausalLM.generate` produces on the same
+    weights (greedy, or sampling with transformers' warpers and a seed); `forward` giving its logits; peer
+    failures being recovered without changing either (up to `client_config.max_failures` a call); and several
+    threads calling `generate`/`forward` on one instance at once, each getting its own result and statistics.
+    `close()` (or `with`) stops the DHT node and channels.
+    """
+
+    def __init__(self, config: LlamaConfig, model_id: str, head: dict[str, torch.Tensor], dht: SwarmDHT,
                  tokenizer=None, wire_dtype: torch.dtype | None = None, device: str = "cpu",
-                 token: str | None = None) -> None:
+                 token: str | None = None, client_config: ClientConfig | None = None) -> None:
         self.config, self.model_id, self.tokenizer, self.dht = config, model_id, tokenizer, dht
         self.device = torch.device(device)
-        self.swarm = Swarm(dht, model_id, config.num_hidden_layers, token=token)
+        client_config = client_config or ClientConfig()
+        self.swarm = Swarm(dht, model_id, config.num_hidden_layers, token=token, config=client_config)
         self.head = ModelHead(config, head, device)
         self.dtype = self.head.dtype
-        self.wire_dtype = wire_dtype or self.dtype
-        self.last_generate_stats: dict[str, float] = {}
+        self.wire_dtype = wire_dtype or client_config.wire_dtype or self.dtype
 
     # ----------------------------------------------------------- construction
 
     @classmethod
     def from_coordinator(cls, address: str, *, cache_dir: Path | None = None, initial_peers: list[str] | None = None,
-                         wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None
-                         ) -> "SwarmModel":
+                         wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None,
+                         config: ClientConfig | None = None) -> "SwarmModel":
         """Fetches the head and tokenizer once (cached on disk) and joins the DHT as a client."""
-        with CoordinatorClient(address, token=token) as client:
+        config = config or ClientConfig()
+        with CoordinatorClient(address, token=token, timeout=config.coordinator_timeout) as client:
             info = client.model_info()
             checkpoint = cached_checkpoint(client, info, cache_dir or default_cache_dir(), head=True)
         return cls._from_checkpoint(checkpoint, info.model_id, list(initial_peers or info.dht_initial_peers),
-                                    wire_dtype, device, token)
+                                    wire_dtype, device, token, config)
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path | str, initial_peers: list[str], *,
-                        wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None
-                        ) -> "SwarmModel":
+                        wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None,
+                        config: ClientConfig | None = None) -> "SwarmModel":
         """Uses a local copy of the checkpoint for the head: works while the coordinator is down."""
         checkpoint = Checkpoint.open(model_dir)
-        return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype, device, token)
+        return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype, device, token,
+                                    config or ClientConfig())
 
     @classmethod
     def _from_checkpoint(cls, checkpoint: Checkpoint, model_id: str, initial_peers: list[str],
-                         wire_dtype: torch.dtype | None, device: str, token: str | None) -> "SwarmModel":
+                         wire_dtype: torch.dtype | None, device: str, token: str | None, config: ClientConfig
+                         ) -> "SwarmModel":
         head = checkpoint.read_prefixes(HEAD_PREFIXES)
         has_tokenizer = any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory) if has_tokenizer else None
-        dht = start_dht(initial_peers, client_mode=True)
-        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype, device, token)
+        dht = start_dht(initial_peers, client_mode=True, timeout=config.dht_timeout,
+                        start_timeout=config.dht_start_timeout, attempts=config.dht_start_attempts)
+        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype, device, token, config)
+
+    @property
+    def client_config(self) -> ClientConfig:
+        return self.swarm.config
+
+    def configure(self, **changes) -> None:
+        """Changes some of the client settings (`ClientConfig` fields) for the calls that start after this."""
+        self.swarm.config = replace(self.swarm.config, **changes)
 
     def close(self) -> None:
         self.swarm.close()
@@ -100,19 +133,18 @@ class SwarmModel:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         hidden = self.embed(input_ids)
         positions = position_ids_from_mask(mask)
-        banned: set[str] = set()
+        failures = Failures(self.swarm)
         block = 0
         while block < self.config.num_hidden_layers:
-            hop = self.swarm.route(block, exclude=frozenset(banned), adapter=adapter or "")[0]
+            hop = failures.route(block, self.config.num_hidden_layers, adapter or "")[0]
             request = pb.ForwardRequest(model_id=self.model_id, start_block=hop.start, end_block=hop.end,
                                         hidden_states=encode(hidden, self.wire_dtype), attention_mask=encode(mask),
                                         position_ids=encode(positions), adapter=adapter or "")
             try:
                 reply = self.swarm.stub(hop.server.address).Forward(request, timeout=self.swarm.step_timeout)
             except grpc.RpcError as error:
-                if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise describe_rpc_error(hop.server.address, "peer", error) from None
-                banned.add(hop.server.peer_id)
+                failures.note(hop.server.peer_id, error.code(), str(describe_rpc_error(hop.server.address, "peer",
+                                                                                       error)))
                 continue
             hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
             block = hop.end
@@ -137,9 +169,11 @@ class SwarmModel:
         pad_token_id: int | None = None,
         on_tokens: TokenCallback | None = None,
         adapter: str | None = None,
-    ) -> torch.Tensor:
-        """Returns prompt + new tokens [batch, prompt_length + generated], padded like transformers.
-        `adapter`: a fine-tuning run's name, applied by every peer of the route."""
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, GenerationStats]:
+        """Returns prompt + new tokens [batch, prompt_length + generated], padded like transformers, and with
+        `return_stats` this call's `GenerationStats` too. `adapter`: a fine-tuning run's name, applied by every
+        peer of the route."""
         if input_ids.ndim == 1:
             input_ids = input_ids.unsqueeze(0)
         batch, prompt_length = input_ids.shape
@@ -178,13 +212,12 @@ class SwarmModel:
         generated = input_ids.shape[1] - prompt_length
         elapsed = time.perf_counter() - began
         decode_time = time.perf_counter() - (first_token_at or began)
-        self.last_generate_stats = {
-            "new_tokens": generated,
-            "seconds": elapsed,
-            "tokens_per_s": (generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
-            "hops": len(route),
-        }
-        return input_ids
+        stats = GenerationStats(
+            new_tokens=generated, seconds=elapsed,
+            tokens_per_s=(generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
+            hops=len(route),
+        )
+        return (input_ids, stats) if return_stats else input_ids
 
     @staticmethod
     def _warpers(do_sample: bool, temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:

@@ -27,7 +27,32 @@ RETRYABLE = {
     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.ABORTED,
 }
-MAX_RECOVERIES = 8
+
+
+class Failures:
+    """The failure rules of one call through the swarm (a generate's session, a forward): a retryable
+    failure bans the peer, for this call and, for a while, for the whole client; anything else, or more
+    than `config.max_failures` failures, ends the call with a SwarmError."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        self.banned: set[str] = set()
+        self.count = 0
+
+    def note(self, peer_id: str, code: grpc.StatusCode | None, message: str) -> None:
+        if code not in RETRYABLE:
+            raise SwarmError(message) from None
+        self.count += 1
+        limit = self.swarm.config.max_failures
+        if self.count > limit:
+            raise SwarmError(f"giving up after {limit} peer failures; last: {message}") from None
+        self.banned.add(peer_id)
+        self.swarm.ban(peer_id)
+
+    def route(self, start: int, end: int, adapter: str = "") -> list[Hop]:
+        """A route avoiding the peers that failed; after a failure, waits a little for one to appear."""
+        wait = self.swarm.config.route_wait if self.count else 0.0
+        return self.swarm.route(start, end, exclude=frozenset(self.banned), adapter=adapter, wait=wait)
 
 
 @dataclass
@@ -113,8 +138,7 @@ class InferenceSession:
         """`adapter`: a run's name; every hop then applies that run's adapter (only peers that loaded it)."""
         self.swarm, self.batch_size, self.max_length, self.wire_dtype = swarm, batch_size, max_length, wire_dtype
         self.adapter = adapter
-        self.banned: set[str] = set()
-        self.recoveries = 0
+        self.failures = Failures(swarm)
         self.legs: list[_Leg] = self._open_legs(0, swarm.num_blocks, [])
 
     @property
@@ -159,7 +183,7 @@ class InferenceSession:
     def _open_legs(self, start: int, end: int, history: list[StepInputs]) -> list[_Leg]:
         """Opens streams along a route for [start, end) and feeds them `history`, retrying other peers."""
         while True:
-            route = self.swarm.route(start, end, exclude=frozenset(self.banned), adapter=self.adapter)
+            route = self.failures.route(start, end, self.adapter)
             legs: list[_Leg] = []
             try:
                 for hop in route:
@@ -178,9 +202,4 @@ class InferenceSession:
 
     def _note_failure(self, failure: HopFailure) -> None:
         """Bans the failed peer, or gives up when the failure is not the peer's or there were too many."""
-        if failure.code not in RETRYABLE:
-            raise SwarmError(str(failure)) from None
-        self.recoveries += 1
-        if self.recoveries > MAX_RECOVERIES:
-            raise SwarmError(f"giving up after {MAX_RECOVERIES} peer failures; last: {failure}") from None
-        self.banned.add(failure.hop.server.peer_id)
+        self.failures.note(failure.hop.server.peer_id, failure.code, str(failure))

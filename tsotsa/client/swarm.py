@@ -1,40 +1,70 @@
-"""The client's view of the swarm: live peers from the DHT, gRPC channels to them, routes through them."""
+"""The client's view of the swarm: live peers from the DHT, gRPC channels to them, routes, banned peers.
+
+Shared by every thread of one `SwarmModel`: channels and bans are guarded here, the DHT handle guards
+itself (`tsotsa.dht.SwarmDHT`), and the watchdog has its own lock.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
-import hivemind
 
+from tsotsa.client.config import ClientConfig
 from tsotsa.client.routing import Hop, plan_route
 from tsotsa.client.watchdog import Watchdog
-from tsotsa.dht import ServerRecord, find_servers
+from tsotsa.dht import SwarmDHT
 from tsotsa.errors import SwarmError
+from tsotsa.records import ServerRecord
 from tsotsa.rpc import open_channel
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
+ROUTE_RETRY_SECONDS = 1.0
+
 
 class Swarm:
-    def __init__(self, dht: hivemind.DHT, model_id: str, num_blocks: int, step_timeout: float = 300.0,
-                 token: str | None = None) -> None:
+    def __init__(self, dht: SwarmDHT, model_id: str, num_blocks: int, token: str | None = None,
+                 config: ClientConfig | None = None) -> None:
         self.dht, self.model_id, self.num_blocks, self._token = dht, model_id, num_blocks, token
-        self.step_timeout = step_timeout  # seconds a peer may take to answer one step before it is replaced
+        self.config = config or ClientConfig()
         self.watchdog = Watchdog()
         self._channels: dict[str, grpc.Channel] = {}
+        self._banned: dict[str, float] = {}  # peer id -> monotonic time its ban ends
         self._lock = threading.Lock()
 
+    @property
+    def step_timeout(self) -> float:
+        return self.config.step_timeout
+
     def servers(self) -> list[ServerRecord]:
-        return list(find_servers(self.dht, self.model_id, self.num_blocks).values())
+        return list(self.dht.find_servers(self.model_id, self.num_blocks).values())
 
     def route(self, start: int = 0, end: int | None = None, exclude: frozenset[str] = frozenset(),
-              adapter: str = "") -> list[Hop]:
-        """The best route over [start, end); with `adapter`, only through peers that have it loaded."""
-        servers = [s for s in self.servers() if not adapter or adapter in s.adapters]
-        try:
-            return plan_route(servers, start, self.num_blocks if end is None else end, exclude)
-        except SwarmError as error:
-            raise SwarmError(f"{error} with adapter {adapter!r}") if adapter else error from None
+              adapter: str = "", wait: float = 0.0) -> list[Hop]:
+        """The best route over [start, end) avoiding `exclude` and banned peers; with `adapter`, only through
+        peers that have it loaded. While none exists, looks again for up to `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            servers = [s for s in self.servers() if not adapter or adapter in s.adapters]
+            try:
+                return plan_route(servers, start, self.num_blocks if end is None else end, exclude | self.banned())
+            except SwarmError as error:
+                if time.monotonic() + ROUTE_RETRY_SECONDS > deadline:
+                    raise SwarmError(f"{error} with adapter {adapter!r}") if adapter else error from None
+            time.sleep(ROUTE_RETRY_SECONDS)
+
+    def ban(self, peer_id: str) -> None:
+        """Leaves the peer out of this client's routes for `config.ban_seconds`."""
+        with self._lock:
+            self._banned[peer_id] = time.monotonic() + self.config.ban_seconds
+
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        with self._lock:
+            for peer_id in [p for p, until in self._banned.items() if until <= now]:
+                del self._banned[peer_id]
+            return frozenset(self._banned)
 
     def stub(self, address: str) -> pb_grpc.PeerStub:
         with self._lock:

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tsotsa.checkpoint import TOKENIZER_FILES, load_config
+from tsotsa.checkpoint import TOKENIZER_FILES, head_dim, load_config
 from tsotsa.errors import TsotsaError
 from tsotsa.training.lora import LLAMA_LINEARS, LoraSettings, adapter_key, initial_lora_a, parse_adapter_key
 
@@ -34,9 +34,8 @@ class AdapterError(TsotsaError):
 def module_shape(config: LlamaConfig, module: str) -> tuple[int, int]:
     """(in_features, out_features) of one linear, from the config alone, so no peer loads weights to size A."""
     hidden, inter = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_width = config.num_attention_heads * head_dim
-    kv_width = (config.num_key_value_heads or config.num_attention_heads) * head_dim
+    q_width = config.num_attention_heads * head_dim(config)
+    kv_width = (config.num_key_value_heads or config.num_attention_heads) * head_dim(config)
     shapes = {"q_proj": (hidden, q_width), "k_proj": (hidden, kv_width), "v_proj": (hidden, kv_width),
               "o_proj": (q_width, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
               "down_proj": (inter, hidden)}

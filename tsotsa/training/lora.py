@@ -124,9 +124,10 @@ def parse_adapter_key(key: str) -> tuple[int, str, str]:
 
 
 def initial_lora_a(seed: int, key: str, r: int, in_features: int) -> torch.Tensor:
-    """A's start for one module: PEFT's own distribution (kaiming-uniform, a=√5: U(±1/√in)), drawn from a
-    generator seeded by the run's seed and the module's key, so every replica draws the same A alone."""
+    """A's start for one module: PEFT's own initialisation (kaiming-uniform, a=√5: U(±1/√in)), drawn from a
+    generator seeded by the run's seed and the module's key, so every replica draws the same A alone. The
+    generator's seed is the formula docs/training.md states (sha256 of "{seed}:{key}", 63 bits of it)."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    bound = 1.0 / math.sqrt(in_features)
-    return (torch.rand(r, in_features, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).float()
+    a = torch.empty(r, in_features, dtype=torch.float32)
+    return torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)

@@ -1,0 +1,108 @@
+"""Many callers at once: threads sharing one `SwarmModel`, and separate clients through the same peers.
+
+Every output must equal its single-threaded `transformers` reference: the peers keep each session's KV
+cache apart, and the client keeps each call's state (route, bans, statistics) its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from conftest import connect, start_swarm
+
+# Different prompts and lengths, so that a mixed-up cache or statistics would show.
+CALLS = [("The swarm pools ordinary lab machines", 6), ("Once upon", 9), ("A B C D E F G", 12), ("x", 15)]
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_model: Path, tmp_path_factory):
+    swarm = start_swarm(tiny_model, ["0:2", "2:4"], cache_dir=tmp_path_factory.mktemp("cache"))
+    yield swarm
+    swarm.stop()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model: Path) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    return [reference.generate(tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens=new_tokens,
+                               do_sample=False)[0].tolist() for prompt, new_tokens in CALLS]
+
+
+def run_all(calls: list, work) -> list:
+    """Runs work(i, call) for every call in its own thread, all started together; re-raises any failure."""
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(calls))
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[index] = work(index, calls[index])
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not any(thread.is_alive() for thread in threads), "a generating thread hangs"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_four_threads_through_one_model_each_get_their_own_tokens_and_stats(model, references) -> None:
+    def generate(_index: int, call: tuple[str, int]):
+        prompt, new_tokens = call
+        ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+        return model.generate(ids, max_new_tokens=new_tokens, return_stats=True)
+
+    results = run_all(CALLS, generate)
+    for (produced, stats), expected, (prompt, new_tokens) in zip(results, references, CALLS):
+        assert produced[0].tolist() == expected
+        prompt_length = len(model.tokenizer(prompt).input_ids)
+        assert stats.new_tokens == len(expected) - prompt_length > 0 and stats.hops == 2
+    assert len({stats.new_tokens for _, stats in results}) == len(CALLS)  # each call's own statistics
+
+
+def test_threads_mixing_forward_and_generate(model, tiny_model: Path, references) -> None:
+    reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([references[0]])
+    with torch.no_grad():
+        expected_logits = reference(ids).logits
+
+    def work(index: int, call: tuple[str, int]):
+        if index % 2:
+            return model.forward(ids)
+        prompt, new_tokens = call
+        return model.generate(model.tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens=new_tokens)
+
+    results = run_all(CALLS, work)
+    for index, result in enumerate(results):
+        if index % 2:
+            assert (result - expected_logits).abs().max().item() <= 1e-4
+        else:
+            assert result[0].tolist() == references[index]
+
+
+def test_separate_clients_through_the_same_peers_keep_their_caches_apart(swarm, tmp_path_factory,
+                                                                          references) -> None:
+    clients = [connect(swarm, tmp_path_factory) for _ in range(2)]
+    try:
+        def generate(index: int, call: tuple[str, int]):
+            client = clients[index % 2]
+            prompt, new_tokens = call
+            return client.generate(client.tokenizer(prompt, return_tensors="pt").input_ids,
+                                   max_new_tokens=new_tokens)[0].tolist()
+
+        assert run_all(CALLS, generate) == references
+    finally:
+        for client in clients:
+            client.close()

@@ -1,0 +1,103 @@
+"""A lab's machines boot in any order, lose power, and come back: every process starts on its own.
+
+Each test builds its own small swarm of real processes on loopback and checks the swarm it forms against
+`transformers`.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from transformers import LlamaForCausalLM
+
+from conftest import connect
+from oracle import PROMPTS, encode_prompts
+from tsotsa.errors import TsotsaError
+from tsotsa.local_swarm import LocalSwarm
+from tsotsa.state import StateDir, default_state_dir
+
+NEW_TOKENS = 8
+# A multiaddr of a node nobody runs: a closed port and a well-formed peer id.
+DEAD_PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    batch = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))
+    return LlamaForCausalLM.from_pretrained(tiny_model).generate(**batch, max_new_tokens=NEW_TOKENS,
+                                                                  do_sample=False).tolist()
+
+
+def generate(swarm: LocalSwarm, tmp_path_factory) -> list[list[int]]:
+    with connect(swarm, tmp_path_factory) as model:
+        batch = encode_prompts(model, PROMPTS)
+        return model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=NEW_TOKENS).tolist()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_peer_started_before_its_coordinator_joins_once_it_is_up(tiny_model, tmp_path_factory, expected) -> None:
+    with LocalSwarm(tiny_model) as swarm:
+        swarm.coordinator_address = f"127.0.0.1:{free_port()}"
+        early = swarm.start_peer("0:4")
+        time.sleep(10)
+        assert early.process.poll() is None, early.output()
+        waiting = [line for line in early.lines if line.startswith("waiting for the coordinator")]
+        assert waiting and all(swarm.coordinator_address in line for line in waiting), early.output()
+        swarm.start_coordinator()
+        swarm.wait_for_peers([early])
+        assert generate(swarm, tmp_path_factory) == expected
+
+
+def test_coordinator_whose_remembered_peers_are_all_dead_comes_up(tiny_model, tmp_path, tmp_path_factory,
+                                                                  expected) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "known-peers.txt").write_text("".join(DEAD_PEER.format(port=free_port()) + "\n" for _ in range(3))
+                                           + "not a multiaddr\n/ip4/garbage\n")
+    with LocalSwarm(tiny_model, state_dir=state) as swarm:
+        swarm.start_coordinator()
+        swarm.add_peers(["0:2", "2:4"])
+        assert generate(swarm, tmp_path_factory) == expected
+
+
+def test_a_swarm_comes_back_after_every_process_is_killed(tiny_model, tmp_path, tmp_path_factory, expected) -> None:
+    """A power cut: SIGKILL for every process; the coordinator comes back first, alone, then the peers."""
+    with LocalSwarm(tiny_model, state_dir=tmp_path / "state") as swarm:
+        swarm.start_coordinator()
+        peers = swarm.add_peers(["0:2", "2:4"])
+        assert generate(swarm, tmp_path_factory) == expected
+        remembered = (tmp_path / "state" / "known-peers.txt")
+        deadline = time.monotonic() + 60
+        while not remembered.exists():  # the coordinator writes its peers' addresses every few seconds
+            assert time.monotonic() < deadline, "the coordinator never remembered its peers"
+            time.sleep(0.5)
+        for peer in peers:
+            peer.process.process.send_signal(signal.SIGKILL)
+            swarm.kill_peer(peer)
+        swarm.kill_coordinator()
+        swarm.start_coordinator()
+        swarm.add_peers(["0:2", "2:4"])
+        assert generate(swarm, tmp_path_factory) == expected
+
+
+def test_one_state_directory_serves_one_process(tmp_path) -> None:
+    held = StateDir(tmp_path / "state", "coordinator")
+    try:
+        with pytest.raises(TsotsaError, match="another coordinator on this machine uses the state directory"):
+            StateDir(tmp_path / "state", "coordinator")
+    finally:
+        held.release()
+    StateDir(tmp_path / "state", "coordinator").release()  # free again once the holder is gone
+    assert default_state_dir("coordinator", "llama-a") != default_state_dir("coordinator", "llama-b")

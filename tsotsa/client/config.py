@@ -1,0 +1,35 @@
+"""How a client talks to the swarm: timeouts, failures it survives, bans, the wire dtype, DHT start-up.
+
+One frozen value, passed to `SwarmModel` (and from it to `Swarm`, sessions and the DHT node), so every
+knob has one documented home; change one with `dataclasses.replace(config, step_timeout=...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    step_timeout: float = 300.0
+    """Seconds a peer may take to answer one step (or one Forward) before it counts as failed."""
+    max_failures: int = 8
+    """Peer failures one generate or forward call survives (each bans the peer and replays elsewhere)."""
+    ban_seconds: float = 15.0
+    """How long a failed peer stays out of every route of this client (a dead peer's record expires by then)."""
+    route_wait: float = 10.0
+    """After a failure, how long to keep looking for a route while none covers the blocks: a replica that
+    just joined may not be visible in this client's DHT view yet."""
+    wire_dtype: "torch.dtype | None" = None
+    """dtype of hidden states on the wire; None: the checkpoint's (exact against transformers)."""
+    dht_timeout: float = 20.0
+    """Seconds one DHT lookup may take."""
+    dht_start_timeout: float = 45.0
+    """Seconds the client's DHT node may take to start, per attempt."""
+    dht_start_attempts: int = 3
+    coordinator_timeout: float = 30.0
+    """Seconds one call to the coordinator may take (fetches of tensors get longer)."""

@@ -1,0 +1,191 @@
+"""The one client of the coordinator's gRPC service: model identity, swarm map, fetching, fine-tuning runs.
+
+Every failure comes back as a `SwarmError` with one readable line (`tsotsa.rpc.describe_refusal`). Kept free
+of torch, so that command-line tools that only talk to the coordinator start fast: what turns fetched bytes
+into tensors lives beside it, in `tsotsa.remote`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tsotsa.auth import ADMIN_METADATA
+from tsotsa.errors import SwarmError, TsotsaError
+from tsotsa.rpc import describe_refusal, open_channel
+from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+
+RPC_TIMEOUT = 30.0
+FETCH_TIMEOUT = 600.0
+ADAPTER_TIMEOUT = 120.0
+# Waiting for a coordinator that is not up yet: the pause between tries doubles up to this, and a line
+# saying what is awaited is printed at most this often.
+WAIT_BACKOFF_MAX = 8.0
+_NOT_UP_YET = {grpc.StatusCode.UNAVAILABLE: "not reachable yet",
+               grpc.StatusCode.DEADLINE_EXCEEDED: "no answer in time"}
+
+
+@dataclass(frozen=True)
+class FetchedTensor:
+    """A tensor's bytes as the coordinator sent them (row-major), with its dtype name and shape."""
+
+    data: bytes
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, token: str | None = None, admin_token: str | None = None,
+                 timeout: float = RPC_TIMEOUT) -> None:
+        self.address, self.timeout = address, timeout
+        self._admin = ((ADMIN_METADATA, admin_token),) if admin_token else None
+        self._channel = open_channel(address, token)
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "CoordinatorClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, request, *, admin: bool = False, timeout: float | None = None):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout,
+                                               metadata=self._admin if admin else None)
+        except grpc.RpcError as error:
+            raise describe_refusal(self.address, "coordinator", error) from None
+
+    # ------------------------------------------------------------ the model
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._call("GetModelInfo", pb.ModelInfoRequest())
+
+    def wait_for_model_info(self, wait_timeout: float | None, say: Callable[[str], None]) -> pb.ModelInfo:
+        """`model_info`, waiting while the coordinator cannot be reached (machines boot in any order): tries
+        again with backoff, saying so on one line each time, until `wait_timeout` seconds (None: no limit)
+        have passed; then raises the last error. Refusals (a wrong token, ...) are raised at once."""
+        began, pause = time.monotonic(), 1.0
+        while True:
+            try:
+                return self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=min(self.timeout, 10.0))
+            except grpc.RpcError as error:
+                failure = describe_refusal(self.address, "coordinator", error)
+                if error.code() not in _NOT_UP_YET:
+                    raise failure from None
+                reason = _NOT_UP_YET[error.code()]
+            waited = time.monotonic() - began
+            if wait_timeout is not None and waited + pause > wait_timeout:
+                raise failure
+            say(f"waiting for the coordinator at {self.address}: {reason}; next try in {pause:.0f} s "
+                f"({waited:.0f} s so far)")
+            time.sleep(pause)
+            pause = min(pause * 2, WAIT_BACKOFF_MAX)
+
+    def swarm_status(self) -> pb.SwarmMap:
+        return self._call("SwarmStatus", pb.SwarmStatusRequest())
+
+    def fetch(self, model_id: str, prefixes: list[str], files: list[str]
+              ) -> tuple[dict[str, FetchedTensor], dict[str, bytes]]:
+        """Downloads tensors and files, checking every item's sha256."""
+        tensors: dict[str, FetchedTensor] = {}
+        blobs: dict[str, bytes] = {}
+        request = pb.FetchRequest(model_id=model_id, tensor_prefixes=prefixes, file_names=files)
+        current: pb.FetchChunk | None = None
+        buffer = bytearray()
+        try:
+            for chunk in self._stub.Fetch(request, timeout=max(self.timeout, FETCH_TIMEOUT)):
+                if chunk.offset == 0:
+                    current, buffer = chunk, bytearray()
+                if current is None or chunk.name != current.name or chunk.offset != len(buffer):
+                    raise SwarmError(f"coordinator at {self.address} sent an out-of-order chunk of {chunk.name}")
+                buffer += chunk.data
+                if not chunk.sha256:
+                    continue
+                if len(buffer) != current.total_bytes or hashlib.sha256(buffer).hexdigest() != chunk.sha256:
+                    raise SwarmError(f"checksum mismatch for {chunk.name} from coordinator at {self.address}")
+                if current.is_file:
+                    blobs[current.name] = bytes(buffer)
+                else:
+                    tensors[current.name] = FetchedTensor(bytes(buffer), current.dtype, tuple(current.shape))
+                current = None
+        except grpc.RpcError as error:
+            raise describe_refusal(self.address, "coordinator", error) from None
+        return tensors, blobs
+
+    # ------------------------------------------------------------------ runs
+
+    def adapter(self, run: str, start: int = 0, end: int = 0) -> pb.AdapterTensors:
+        """A run's latest aggregated adapter, for blocks [start, end) (end 0: all), in PEFT's key names
+        (`tsotsa.remote.fetch_adapter` decodes it)."""
+        return self._call("GetAdapter", pb.AdapterRequest(run=run, start_block=start, end_block=end),
+                          timeout=max(self.timeout, ADAPTER_TIMEOUT))
+
+    def create_run(self, name: str, config: pb.RunConfig, train: Path, eval: Path | None) -> pb.RunInfo:
+        """Launches run NAME on TRAIN (and EVAL): JSONL files, or `datasets` directories (`save_to_disk`) sent
+        as JSONL; everything is read before any call."""
+        train_name, train_data = _load(train, "training data", ("train",))
+        eval_name, eval_data = _load(eval, "evaluation data", _EVAL_SPLITS) if eval is not None else ("", b"")
+        return self._call("CreateRun", pb.CreateRunRequest(name=name, config=config, train_name=train_name,
+                                                           train_data=train_data, eval_name=eval_name,
+                                                           eval_data=eval_data), admin=True)
+
+    def stop_run(self, name: str) -> pb.RunInfo:
+        return self._call("StopRun", pb.RunRequest(name=name), admin=True)
+
+    def run(self, name: str) -> pb.RunInfo:
+        return self._call("GetRun", pb.RunRequest(name=name))
+
+    def runs(self) -> list[pb.RunInfo]:
+        return list(self._call("ListRuns", pb.ListRunsRequest()).runs)
+
+    def watch_run(self, name: str) -> Iterator[pb.RunEvent]:
+        """The run's events as they happen, until the run ends; leaving the loop early cancels the stream."""
+        call = None
+        try:
+            call = self._stub.WatchRun(pb.RunRequest(name=name))
+            yield from call
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED and call is not None and call.cancelled():
+                return
+            raise describe_refusal(self.address, "coordinator", error) from None
+        finally:
+            if call is not None:
+                call.cancel()
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise TsotsaError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise TsotsaError(f"{what} file {path} is a directory") from None
+    except OSError as error:
+        raise TsotsaError(f"cannot read {what} file {path}: {error.strerror or error}") from None
+
+
+# The splits a DatasetDict directory given as evaluation data is taken from: the first one it has.
+_EVAL_SPLITS = ("validation", "test")
+
+
+def _load(path: Path, what: str, splits: tuple[str, ...]) -> tuple[str, bytes]:
+    """(name for the coordinator's messages, JSONL bytes) of a JSONL file or a `datasets` directory."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.name, _read(path, what)
+    from tsotsa.training.datasets_dir import DatasetDirError, jsonl_from_dataset_dir
+
+    try:
+        data = jsonl_from_dataset_dir(path, default_splits=splits)
+    except DatasetDirError as error:
+        raise DatasetDirError(f"{what} {error}") from None
+    return path.resolve().name or str(path), data
