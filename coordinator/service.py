@@ -54,7 +54,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         )
 
     def SwarmStatus(self, request: pb.SwarmStatusRequest, context: grpc.ServicerContext) -> pb.SwarmMap:
-        servers = self.dht.find_servers(self.model_id, self.checkpoint.config.num_hidden_layers)
+        servers, rejected = self.dht.survey(self.model_id, self.checkpoint.config.num_hidden_layers)
         now = get_dht_time()
         peers = [
             pb.PeerRecord(
@@ -64,7 +64,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
             for record in sorted(servers.values(), key=lambda r: (r.start, r.end, r.peer_id))
         ]
-        return pb.SwarmMap(model_id=self.model_id, num_blocks=self.checkpoint.config.num_hidden_layers, peers=peers)
+        return pb.SwarmMap(model_id=self.model_id, num_blocks=self.checkpoint.config.num_hidden_layers, peers=peers,
+                           rejected_records=rejected)
 
     def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchChunk]:
         if request.model_id != self.model_id:

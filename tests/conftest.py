@@ -65,3 +65,16 @@ def model(swarm: LocalSwarm, tmp_path_factory) -> Iterator[SwarmModel]:
     """A client of the module's `swarm` fixture."""
     with connect(swarm, tmp_path_factory) as swarm_model:
         yield swarm_model
+
+
+def swarm_fixture(spans: list[str | None], *peer_args: str):
+    """A module-scoped `swarm` fixture: the tiny model served by one peer per span, with a cache of its own.
+    In a test module: `swarm = swarm_fixture(["0:2", "2:4"])`."""
+
+    @pytest.fixture(scope="module")
+    def swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
+        swarm = start_swarm(tiny_model, spans, *peer_args, cache_dir=tmp_path_factory.mktemp("cache"))
+        yield swarm
+        swarm.stop()
+
+    return swarm

@@ -19,7 +19,7 @@ import pytest
 from hivemind.utils import get_dht_time
 from transformers import LlamaForCausalLM
 
-from conftest import cli, start_swarm
+from conftest import cli, swarm_fixture
 from oracle import PROMPTS, encode_prompts
 from tsotsa.dht import block_key
 from tsotsa.records import MAX_RECORD_LIFETIME, RecordError, ServerRecord
@@ -48,11 +48,7 @@ BAD_VALUES = {
 }
 
 
-@pytest.fixture(scope="module")
-def swarm(tiny_model: Path, tmp_path_factory):
-    swarm = start_swarm(tiny_model, ["0:2", "2:4"], cache_dir=tmp_path_factory.mktemp("cache"))
-    yield swarm
-    swarm.stop()
+swarm = swarm_fixture(["0:2", "2:4"])
 
 
 @pytest.fixture(scope="module")
@@ -107,15 +103,21 @@ def test_generation_still_equals_transformers(swarm, vandal, model, tiny_model: 
     assert produced.tolist() == expected.tolist()
 
 
-def status_peer_ids(swarm, tmp_path: Path) -> set[str]:
+def status(swarm, tmp_path: Path) -> dict:
     result = subprocess.run([*cli("tsotsa"), "status", "--coordinator", swarm.coordinator_address, "--json"],
                             capture_output=True, text=True, timeout=60, env={"TSOTSA_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    return {peer["peer_id"] for peer in json.loads(result.stdout)["peers"]}
+    return json.loads(result.stdout)
+
+
+def status_peer_ids(swarm, tmp_path: Path) -> set[str]:
+    return {peer["peer_id"] for peer in status(swarm, tmp_path)["peers"]}
 
 
 def test_status_lists_only_the_real_peers(swarm, vandal, tmp_path: Path) -> None:
-    assert status_peer_ids(swarm, tmp_path) == {peer.peer_id for peer in swarm.peers}
+    swarm_map = status(swarm, tmp_path)
+    assert {peer["peer_id"] for peer in swarm_map["peers"]} == {peer.peer_id for peer in swarm.peers}
+    assert swarm_map["rejected_records"] >= len(BAD_VALUES) + 1  # each stored under two keys; counted per key
 
 
 def test_a_peer_without_blocks_still_joins(swarm, vandal, tmp_path: Path) -> None:

@@ -13,17 +13,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conftest import connect, start_swarm
+from conftest import connect, swarm_fixture
 
 # Different prompts and lengths, so that a mixed-up cache or statistics would show.
 CALLS = [("The swarm pools ordinary lab machines", 6), ("Once upon", 9), ("A B C D E F G", 12), ("x", 15)]
 
 
-@pytest.fixture(scope="module")
-def swarm(tiny_model: Path, tmp_path_factory):
-    swarm = start_swarm(tiny_model, ["0:2", "2:4"], cache_dir=tmp_path_factory.mktemp("cache"))
-    yield swarm
-    swarm.stop()
+swarm = swarm_fixture(["0:2", "2:4"])
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import cli, start_swarm
+from conftest import cli, swarm_fixture
 from oracle import PROMPTS, encode_prompts
 from tsotsa.client.model import SwarmModel
 from tsotsa.errors import SwarmError
@@ -26,11 +26,7 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def swarm(tiny_model: Path, tmp_path_factory):
-    swarm = start_swarm(tiny_model, ["0:2", "2:4", "2:4"], cache_dir=tmp_path_factory.mktemp("cache"))
-    yield swarm
-    swarm.stop()
+swarm = swarm_fixture(["0:2", "2:4", "2:4"])
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,9 @@ class FetchedTensor:
 
 
 class CoordinatorClient:
+    """Every call of the coordinator's service; each failure is a `SwarmError` with one readable line.
+    `admin_token` is sent only with the calls that launch or stop runs."""
+
     def __init__(self, address: str, token: str | None = None, admin_token: str | None = None,
                  timeout: float = RPC_TIMEOUT) -> None:
         self.address, self.timeout = address, timeout

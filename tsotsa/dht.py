@@ -61,6 +61,10 @@ class SwarmDHT:
 
     def find_servers(self, model_id: str, num_blocks: int) -> dict[str, ServerRecord]:
         """Every live peer serving any block of the model, by peer id; invalid records are dropped."""
+        return self.survey(model_id, num_blocks)[0]
+
+    def survey(self, model_id: str, num_blocks: int) -> tuple[dict[str, ServerRecord], int]:
+        """`find_servers`, and how many values under the model's keys were dropped as invalid."""
         keys = [block_key(model_id, i) for i in range(num_blocks)]
         found = self._run(functools.partial(_get_many, keys=keys))
         return valid_records(found, keys, num_blocks, get_dht_time())
@@ -70,27 +74,33 @@ class SwarmDHT:
             self._dht.shutdown()
 
 
-def valid_records(found: dict, keys: list[str], num_blocks: int, now: float) -> dict[str, ServerRecord]:
-    """The checked records of a `get_many` answer; per peer id, the one that expires last."""
+def valid_records(found: dict, keys: list[str], num_blocks: int, now: float
+                  ) -> tuple[dict[str, ServerRecord], int]:
+    """The checked records of a `get_many` answer (per peer id, the one that expires last), and the number
+    of values dropped (each also counted in `tsotsa.records.REJECTED`)."""
     servers: dict[str, ServerRecord] = {}
+    rejected = 0
     for block, key in enumerate(keys):
         entry = found.get(key)
         if entry is None:
             continue
-        if not isinstance(entry.value, dict):
+        items = entry.value.items() if isinstance(entry.value, dict) else None
+        if items is None:
             REJECTED.add(f"block key holds a {type(entry.value).__name__}, not a dictionary of records")
+            rejected += 1
             continue
-        for subkey, item in entry.value.items():
+        for subkey, item in items:
             try:
                 record = ServerRecord.from_dht(subkey, item.value, item.expiration_time, block=block,
                                                num_blocks=num_blocks, now=now)
             except RecordError as error:
                 REJECTED.add(str(error))
+                rejected += 1
                 continue
             known = servers.get(record.peer_id)
             if known is None or known.expires_at < record.expires_at:
                 servers[record.peer_id] = record
-    return servers
+    return servers, rejected
 
 
 def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False,

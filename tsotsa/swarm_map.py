@@ -6,6 +6,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from tsotsa.records import ServerState
 from tsotsa.v1 import tsotsa_pb2 as pb
 
 
@@ -16,10 +17,11 @@ def swarm_map_json(swarm_map: pb.SwarmMap) -> dict:
         {"block": index,
          "peers": [p.peer_id for p in swarm_map.peers if p.start_block <= index < p.end_block],
          "online_throughput": sum(p.throughput for p in swarm_map.peers
-                                  if p.start_block <= index < p.end_block and p.state == "online")}
+                                  if p.start_block <= index < p.end_block and p.state == ServerState.ONLINE)}
         for index in range(swarm_map.num_blocks)
     ]
-    return {"model_id": swarm_map.model_id, "num_blocks": swarm_map.num_blocks, "peers": peers, "blocks": blocks}
+    return {"model_id": swarm_map.model_id, "num_blocks": swarm_map.num_blocks, "peers": peers, "blocks": blocks,
+            "rejected_records": swarm_map.rejected_records}
 
 
 def print_swarm_map(swarm_map: pb.SwarmMap, console: Console | None = None) -> None:
@@ -38,9 +40,11 @@ def print_swarm_map(swarm_map: pb.SwarmMap, console: Console | None = None) -> N
         table.add_row(f"{peer.start_block}:{peer.end_block}", *cells, peer.peer_id[:14], peer.address, peer.state,
                       f"{peer.throughput:.1f}", f"{peer.dtype}/{peer.quant} {peer.device}")
     uncovered = [i for i in range(swarm_map.num_blocks)
-                 if not any(p.start_block <= i < p.end_block and p.state == "online" for p in swarm_map.peers)]
+                 if not any(p.start_block <= i < p.end_block and p.state == ServerState.ONLINE for p in swarm_map.peers)]
     console.print(table)
     if uncovered:
         console.print(f"[red]blocks with no online peer: {', '.join(map(str, uncovered))}[/red]")
     else:
         console.print("[green]every block is served[/green]")
+    if swarm_map.rejected_records:
+        console.print(f"[yellow]{swarm_map.rejected_records} invalid records in the DHT were ignored[/yellow]")

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tsotsa.coordinator_client import RPC_TIMEOUT
+from tsotsa.dht import DHT_START_ATTEMPTS, DHT_START_TIMEOUT, DHT_TIMEOUT
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,10 +29,10 @@ class ClientConfig:
     just joined may not be visible in this client's DHT view yet."""
     wire_dtype: "torch.dtype | None" = None
     """dtype of hidden states on the wire; None: the checkpoint's (exact against transformers)."""
-    dht_timeout: float = 20.0
+    dht_timeout: float = DHT_TIMEOUT
     """Seconds one DHT lookup may take."""
-    dht_start_timeout: float = 45.0
+    dht_start_timeout: float = DHT_START_TIMEOUT
     """Seconds the client's DHT node may take to start, per attempt."""
-    dht_start_attempts: int = 3
-    coordinator_timeout: float = 30.0
+    dht_start_attempts: int = DHT_START_ATTEMPTS
+    coordinator_timeout: float = RPC_TIMEOUT
     """Seconds one call to the coordinator may take (fetches of tensors get longer)."""

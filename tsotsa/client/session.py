@@ -133,6 +133,9 @@ class _Leg:
 
 
 class InferenceSession:
+    """One generation's KV-cached streams along a route covering every block; `step` runs new tokens'
+    hidden states through all of them, replacing failed peers by replay (callers see no difference)."""
+
     def __init__(self, swarm: Swarm, batch_size: int, max_length: int, wire_dtype: torch.dtype = torch.float32,
                  adapter: str = "") -> None:
         """`adapter`: a run's name; every hop then applies that run's adapter (only peers that loaded it)."""

@@ -24,6 +24,9 @@ ROUTE_RETRY_SECONDS = 1.0
 
 
 class Swarm:
+    """The live peers of one model as this client sees them, the channels to them and the bans; safe for
+    several threads at once."""
+
     def __init__(self, dht: SwarmDHT, model_id: str, num_blocks: int, token: str | None = None,
                  config: ClientConfig | None = None) -> None:
         self.dht, self.model_id, self.num_blocks, self._token = dht, model_id, num_blocks, token

@@ -330,14 +330,16 @@ class PeerRecord(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., expires_in: _Optional[float] = ...) -> None: ...
 
 class SwarmMap(_message.Message):
-    __slots__ = ("model_id", "num_blocks", "peers")
+    __slots__ = ("model_id", "num_blocks", "peers", "rejected_records")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_RECORDS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     num_blocks: int
     peers: _containers.RepeatedCompositeFieldContainer[PeerRecord]
-    def __init__(self, model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerRecord, _Mapping]]] = ...) -> None: ...
+    rejected_records: int
+    def __init__(self, model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerRecord, _Mapping]]] = ..., rejected_records: _Optional[int] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("model_id", "tensor_prefixes", "file_names")
