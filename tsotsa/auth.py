@@ -42,7 +42,7 @@ def server_interceptors(token: str | None) -> list[grpc.ServerInterceptor]:
 
 
 class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                grpc.StreamStreamClientInterceptor):
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     def __init__(self, token: str) -> None:
         self._metadata = (METADATA_KEY, _bearer(token))
 
@@ -54,6 +54,9 @@ class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
 
     def intercept_stream_stream(self, continuation, details, requests):
         return continuation(self._with_token(details), requests)
