@@ -136,7 +136,7 @@ class BlockSpan(nn.Module):
             config=self.config,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            cache=cache,
             position_ids=position_ids,
             layer_idx=first if cache is not None else None,
         )
@@ -146,7 +146,7 @@ class BlockSpan(nn.Module):
                 hidden_states,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )
