@@ -17,7 +17,7 @@ from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.dht import SwarmDHT, start_dht
 from tsotsa.errors import CheckpointError, TsotsaError
 from tsotsa.records import MAX_RECORD_LIFETIME, ServerRecord, ServerState
-from tsotsa.remote import cached_checkpoint, default_cache_dir, fetch_adapter
+from tsotsa.remote import cached_checkpoint, default_cache_dir, fetch_adapter, served_model_id
 from tsotsa.rpc import start_server
 from tsotsa.state import StateDir, default_state_dir
 from tsotsa.spans import BlockSpan, SpanSpec
@@ -108,7 +108,7 @@ def serve_peer(options: PeerOptions, say=print) -> None:
         raise TsotsaError(f"the record ttl must be in (0, {MAX_RECORD_LIFETIME:g}] seconds")
     with CoordinatorClient(options.coordinator, token=options.token) as client:
         info = client.wait_for_model_info(options.wait_timeout, say)
-        state = StateDir(options.state_dir or default_state_dir("peer", info.model_id), "peer")
+        state = StateDir(options.state_dir or default_state_dir("peer", served_model_id(client, info)), "peer")
         try:
             _serve(options, info, client, state, say)
         finally:

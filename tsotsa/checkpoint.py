@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -57,6 +58,17 @@ def config_from_json(text: str, origin: str = "config") -> LlamaConfig:
 
 # Written by whichever library saved the checkpoint: not part of the model's identity.
 _CONFIG_KEYS_IGNORED = ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype")
+
+
+MODEL_ID_PATTERN = re.compile(r"llama-\d+x\d+-[0-9a-f]{12}")
+
+
+def check_model_id(model_id: str) -> str:
+    """A model id as `model_id_for` writes it: also a safe directory name (no `/`, no `..`), since caches
+    are laid out by model id and the id comes from a coordinator, which a client need not trust."""
+    if not isinstance(model_id, str) or not MODEL_ID_PATTERN.fullmatch(model_id):
+        raise CheckpointError(f"{str(model_id)[:80]!r} is not a model id")
+    return model_id
 
 
 def model_id_for(config_json: str, tensor_specs: dict[str, tuple[str, tuple[int, ...]]], fingerprint: str) -> str:

@@ -98,7 +98,8 @@ class CoordinatorClient:
 
     def fetch(self, model_id: str, prefixes: list[str], files: list[str]
               ) -> tuple[dict[str, FetchedTensor], dict[str, bytes]]:
-        """Downloads tensors and files, checking every item's sha256."""
+        """Downloads tensors and files, checking every item's sha256 and that it is one that was asked for
+        (a tensor under one of `prefixes`, a file of `files`)."""
         tensors: dict[str, FetchedTensor] = {}
         blobs: dict[str, bytes] = {}
         request = pb.FetchRequest(model_id=model_id, tensor_prefixes=prefixes, file_names=files)
@@ -108,6 +109,9 @@ class CoordinatorClient:
             for chunk in self._stub.Fetch(request, timeout=max(self.timeout, FETCH_TIMEOUT)):
                 if chunk.offset == 0:
                     current, buffer = chunk, bytearray()
+                    if not (chunk.name in files if chunk.is_file else chunk.name.startswith(tuple(prefixes))):
+                        raise SwarmError(f"coordinator at {self.address} sent {chunk.name[:80]!r}, which was not "
+                                         "asked for")
                 if current is None or chunk.name != current.name or chunk.offset != len(buffer):
                     raise SwarmError(f"coordinator at {self.address} sent an out-of-order chunk of {chunk.name}")
                 buffer += chunk.data

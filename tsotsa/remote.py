@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tsotsa.checkpoint import HEAD_PREFIXES, Checkpoint, block_prefix
+from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint, block_prefix, check_model_id
 from tsotsa.codec import DTYPES, decode, tensor_from_bytes
 from tsotsa.coordinator_client import CoordinatorClient
-from tsotsa.errors import SwarmError
+from tsotsa.errors import CheckpointError, SwarmError
 from tsotsa.v1 import tsotsa_pb2 as pb
 
 
@@ -39,6 +39,14 @@ def fetch_adapter(client: CoordinatorClient, run: str, start: int = 0, end: int 
     return reply.lora, {item.name: decode(item.tensor, what=item.name, ndim=2) for item in reply.tensors}
 
 
+def served_model_id(client: CoordinatorClient, info: pb.ModelInfo) -> str:
+    """The coordinator's model id, checked before it names a directory (`check_model_id`)."""
+    try:
+        return check_model_id(info.model_id)
+    except CheckpointError as error:
+        raise SwarmError(f"coordinator at {client.address} serves {error}") from None
+
+
 def _write_atomically(path: Path, write) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(temporary)
@@ -48,8 +56,15 @@ def _write_atomically(path: Path, write) -> None:
 def cached_checkpoint(
     client: CoordinatorClient, info: pb.ModelInfo, cache_dir: Path, *, blocks: range = range(0), head: bool = False
 ) -> Checkpoint:
-    """A partial checkpoint in `cache_dir/<model_id>` holding the given blocks (and the head), fetched if missing."""
-    directory = Path(cache_dir) / info.model_id
+    """A partial checkpoint in `cache_dir/<model_id>` holding the given blocks (and the head), fetched if missing.
+
+    What the coordinator names is checked before anything is written: the model id is a model id (no path
+    out of `cache_dir`), the tokenizer files are the known tokenizer file names."""
+    directory = Path(cache_dir) / served_model_id(client, info)
+    unknown = [name for name in info.tokenizer_files if name not in TOKENIZER_FILES]
+    if unknown:
+        raise SwarmError(f"coordinator at {client.address} offers files that are no tokenizer files: "
+                         f"{', '.join(repr(name[:80]) for name in unknown[:3])}")
     directory.mkdir(parents=True, exist_ok=True)
     config_path = directory / "config.json"
     if not config_path.exists():
