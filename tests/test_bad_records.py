@@ -144,3 +144,25 @@ def test_a_restarted_coordinator_comes_back(swarm, vandal, tmp_path: Path) -> No
         assert listed <= real, listed - real
         assert time.monotonic() < deadline, f"status lists {listed}, not {real}"
         time.sleep(1)
+
+
+def test_a_peer_that_refuses_this_client_is_routed_around(swarm, model, tiny_model: Path) -> None:
+    """A peer in this swarm's DHT that answers UNAUTHENTICATED (it wants a token this swarm does not use):
+    its record is well formed, yet generation goes around it, and it is banned for a while."""
+    (stranger,) = swarm.add_peers(["0:4"], "--token", "another-swarm's-token")
+    honest = next(peer for peer in swarm.peers if (peer.start, peer.end) == (2, 4))
+    try:
+        # So that the first route must use the stranger: the honest 2:4 peer is left out for the first second
+        # only (the call then waits for a route, `route_wait`, and finds it back).
+        model.configure(ban_seconds=1.0)
+        model.swarm.ban(honest.peer_id)
+        model.configure(ban_seconds=60.0)
+        batch = encode_prompts(model, PROMPTS)
+        produced = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=NEW_TOKENS)
+        expected = LlamaForCausalLM.from_pretrained(tiny_model).generate(**batch, max_new_tokens=NEW_TOKENS,
+                                                                          do_sample=False)
+        assert produced.tolist() == expected.tolist()
+        assert stranger.peer_id in model.swarm.banned()  # it was tried, refused, and is left out now
+    finally:
+        model.configure(ban_seconds=15.0)
+        swarm.stop_peer(stranger)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from tsotsa.checkpoint import Checkpoint, block_prefix
 from tsotsa.client.routing import plan_route
+from tsotsa.client.session import Failures
+from tsotsa.client.swarm import Swarm
 from tsotsa.codec import WireError, decode, encode
 from tsotsa.records import ServerRecord, ServerState
 from tsotsa.errors import SwarmError
@@ -93,3 +96,20 @@ def test_block_selection_fills_the_weakest_span() -> None:
     servers.append(_server("c", 6, 8, 80.0))
     # b, still joining, counts as the median online peer (80 tok/s): blocks 0:4 at 50 tok/s are now weakest.
     assert choose_span(servers, 8, 2) == SpanSpec(0, 2)
+
+
+def test_failure_rules_ban_dead_and_foreign_peers_but_not_busy_ones() -> None:
+    swarm = Swarm(dht=None, model_id="m", num_blocks=4)  # the rules need no DHT: nothing is looked up here
+    failures = Failures(swarm)
+    failures.note("busy", grpc.StatusCode.RESOURCE_EXHAUSTED, "peer busy: RESOURCE_EXHAUSTED: no\\nslot")
+    failures.note("dead", grpc.StatusCode.UNAVAILABLE, "peer dead: UNAVAILABLE")
+    failures.note("foreign", grpc.StatusCode.UNAUTHENTICATED, "peer foreign: UNAUTHENTICATED")
+    failures.note("other model", grpc.StatusCode.FAILED_PRECONDITION, "peer of another model")
+    assert failures.banned == {"busy", "dead", "foreign", "other model"}  # this call avoids all four
+    assert swarm.banned() == {"dead", "foreign", "other model"}  # other calls may still use the busy one
+    with pytest.raises(SwarmError, match="bad request"):
+        failures.note("any", grpc.StatusCode.INVALID_ARGUMENT, "bad request")  # the caller's mistake: fatal
+    for _ in range(swarm.config.max_failures - failures.count):
+        failures.note("again", grpc.StatusCode.UNAVAILABLE, "again")
+    with pytest.raises(SwarmError, match="giving up after 8 peer failures"):
+        failures.note("last", grpc.StatusCode.UNAVAILABLE, "last")

@@ -21,38 +21,53 @@ from tsotsa.codec import WireError, decode, encode
 from tsotsa.errors import SwarmError
 from tsotsa.v1 import tsotsa_pb2 as pb
 
-# Failures another peer may not have: retry elsewhere. Anything else is the caller's mistake.
+# Failures another peer may not have: retry elsewhere. Anything else is the caller's mistake. A peer that
+# refuses this client's token or model (UNAUTHENTICATED, FAILED_PRECONDITION) is not what its record said:
+# a peer of another swarm, or a record pointing where it should not; it is routed around like a dead one.
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.ABORTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
 }
+# A busy peer (no session slot or KV cache left) is fine, only full: this call goes elsewhere, and no ban
+# keeps other calls from it.
+BUSY = {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class Failures:
     """The failure rules of one call through the swarm (a generate's session, a forward): a retryable
-    failure bans the peer, for this call and, for a while, for the whole client; anything else, or more
-    than `config.max_failures` failures, ends the call with a SwarmError."""
+    failure takes the peer out of this call's routes and, unless it was only busy, bans it for a while from
+    the whole client's; anything else, or more than `config.max_failures` failures, ends the call with a
+    SwarmError."""
 
     def __init__(self, swarm: Swarm) -> None:
         self.swarm = swarm
         self.banned: set[str] = set()
         self.count = 0
+        self.last = ""
 
     def note(self, peer_id: str, code: grpc.StatusCode | None, message: str) -> None:
         if code not in RETRYABLE:
             raise SwarmError(message) from None
         self.count += 1
+        self.last = " ".join(message.split())  # one line, whatever the peer's details held
         limit = self.swarm.config.max_failures
         if self.count > limit:
             raise SwarmError(f"giving up after {limit} peer failures; last: {message}") from None
         self.banned.add(peer_id)
-        self.swarm.ban(peer_id)
+        if code not in BUSY:
+            self.swarm.ban(peer_id)
 
     def route(self, start: int, end: int, adapter: str = "") -> list[Hop]:
-        """A route avoiding the peers that failed; after a failure, waits a little for one to appear."""
-        wait = self.swarm.config.route_wait if self.count else 0.0
-        return self.swarm.route(start, end, exclude=frozenset(self.banned), adapter=adapter, wait=wait)
+        """A route avoiding the peers that failed; after a failure, waits a little for one to appear, and
+        says what the last failure was when none does."""
+        if not self.count:
+            return self.swarm.route(start, end, exclude=frozenset(self.banned), adapter=adapter)
+        try:
+            return self.swarm.route(start, end, exclude=frozenset(self.banned), adapter=adapter,
+                                    wait=self.swarm.config.route_wait)
+        except SwarmError as error:
+            raise SwarmError(f"{error} (after {self.count} peer failures; last: {self.last})") from None
 
 
 @dataclass
