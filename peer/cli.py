@@ -33,6 +33,8 @@ def join(
     max_sessions: int = typer.Option(32, help="Concurrent inference sessions."),
     cache_mib: int = typer.Option(2048, help="KV-cache budget in MiB over all sessions."),
     session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
+    open_timeout: float = typer.Option(30.0, help="Seconds a new inference stream may take to open its session "
+                                                  "before the peer closes it."),
     drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for open sessions."),
     threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
     adapters: str = typer.Option(None, help="Fine-tuning runs whose adapters to serve, comma-separated "
@@ -63,7 +65,7 @@ def join(
             num_blocks=num_blocks, device=device, quant=quant, dtype=parse_dtype(dtype), host=host, port=port,
             dht_port=dht_port, announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
             limits=PeerLimits(max_sessions=max_sessions, max_cache_bytes=cache_mib << 20,
-                              session_timeout=session_timeout),
+                              session_timeout=session_timeout, open_timeout=open_timeout),
             drain_timeout=drain_timeout, threads=threads, token=token,
             adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,
             wait_timeout=wait_timeout,

@@ -181,6 +181,7 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
             wake.clear()
             if stop.is_set():
                 break
+            service.sessions.reap()  # idle sessions give their KV cache back even when no one else opens one
             record.adapters = service.adapters.names
             _announce_or_warn(dht, info.model_id, record, options.record_ttl, "heartbeat")
 

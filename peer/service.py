@@ -9,6 +9,7 @@ code and the peer keeps serving. All computation runs on the peer's one runtime 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,12 +36,14 @@ class PeerLimits:
     max_cache_bytes: int = 2 << 30
     max_forward_tokens: int = 8192
     session_timeout: float = 300.0
+    open_timeout: float = 30.0  # seconds a new Inference stream may take to send its `open`
 
 
 class PeerService(pb_grpc.PeerServicer):
     def __init__(self, span: BlockSpan, model_id: str, num_model_blocks: int, limits: PeerLimits,
                  info: Callable[[], pb.PeerInfo]) -> None:
         self.span, self._info = span, info
+        self.open_timeout = limits.open_timeout
         self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout)
         self.accepting = True
         self.adapters = Adapters(span)
@@ -67,8 +70,13 @@ class PeerService(pb_grpc.PeerServicer):
     def Inference(self, requests: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
                   ) -> Iterator[pb.InferenceResponse]:
         session: Session | None = None
+        # A stream that never opens a session would hold one of the server's workers for ever: cancelled.
+        unopened = threading.Timer(self.open_timeout, context.cancel)
+        unopened.daemon = True
+        unopened.start()
         try:
             for request in requests:
+                unopened.cancel()
                 kind = request.WhichOneof("kind")
                 if kind == "open":
                     if session is not None:
@@ -92,6 +100,7 @@ class PeerService(pb_grpc.PeerServicer):
             logger.exception("Inference failed")
             context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {error}")
         finally:
+            unopened.cancel()
             if session is not None:
                 self.sessions.close(session)
 

@@ -2,8 +2,9 @@
 
 The caps are checked when a session opens, against the bytes its cache reaches at `max_length`, so a
 peer refuses work with RESOURCE_EXHAUSTED instead of growing until the kernel kills it. Sessions idle past
-the timeout are reclaimed when capacity is needed (their cache is dropped, so the bytes they gave back are
-really free) or when their own next step finds them idle; their streams then get NOT_FOUND ("expired").
+the timeout are reclaimed by the peer's heartbeat (`reap`), when capacity is needed, or when their own
+next step finds them idle, whichever comes first; their cache is dropped, so the bytes they gave back are
+really free, and their streams then get NOT_FOUND ("expired").
 A session belongs to the stream that opened it: no other stream may step it, refresh it or close it.
 """
 
@@ -76,6 +77,13 @@ class SessionTable:
                 )
             self._sessions[session.session_id] = session
             self._expired.pop(session.session_id, None)
+
+    def reap(self) -> int:
+        """Reclaims every session idle past the timeout; how many there were."""
+        with self._lock:
+            before = len(self._sessions)
+            self._expire_idle()
+            return before - len(self._sessions)
 
     def touch(self, session: Session) -> None:
         """Marks a stream's own session used, or raises NOT_FOUND if it expired in the meantime."""

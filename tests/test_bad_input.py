@@ -1,7 +1,8 @@
 """A peer refuses every malformed or unserviceable request with a precise status code and keeps serving.
 
 One swarm of two peers (blocks 0:2 and 2:4 of the tiny 4-block, hidden-64 model) with tight limits: 2
-sessions, a 1 MiB KV-cache budget and a 2 s session timeout, so that every limit can be hit cheaply. Each
+sessions, a 1 MiB KV-cache budget, a 2 s session timeout and 2 s for a new stream to open its session, so
+that every limit can be hit cheaply. Each
 case sends one bad request straight to a peer over gRPC, checks the status code and that the details
 name the problem, then checks that the next valid request on the same peer succeeds: a refusal must not
 leave state behind (a leaked session, a half-filled cache) nor take the process down.
@@ -9,6 +10,7 @@ leave state behind (a leaked session, a half-filled cache) nor take the process 
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,6 +28,7 @@ from peer_stream import Stream
 
 HIDDEN = 64
 SESSION_TIMEOUT = 2.0
+OPEN_TIMEOUT = 2.0
 MAX_MESSAGE = 64 << 20            # the server's grpc.max_receive_message_length
 MAX_FORWARD_TOKENS = 8192         # PeerLimits.max_forward_tokens (no CLI flag: the default)
 Code = grpc.StatusCode
@@ -34,7 +37,8 @@ Code = grpc.StatusCode
 @pytest.fixture(scope="module")
 def swarm(tiny_model, tmp_path_factory) -> Iterator[LocalSwarm]:
     swarm = start_swarm(tiny_model, ["0:2", "2:4"], "--max-sessions", "2", "--cache-mib", "1",
-                        "--session-timeout", str(SESSION_TIMEOUT), cache_dir=tmp_path_factory.mktemp("cache"))
+                        "--session-timeout", str(SESSION_TIMEOUT), "--open-timeout", str(OPEN_TIMEOUT),
+                        cache_dir=tmp_path_factory.mktemp("cache"))
     yield swarm
     swarm.stop()
 
@@ -284,6 +288,34 @@ def test_expired_sessions(stub, swarm) -> None:
             newcomer.send(open_session(swarm.model_id, "newcomer"))
             assert_refused(lambda: reclaimed.send(step("reclaimed")), Code.NOT_FOUND, "session reclaimed expired")
             assert newcomer.send(step("newcomer")).cache_length == 3
+    assert_serves(stub, swarm.model_id)
+
+
+def test_idle_sessions_are_reclaimed_on_a_timer(stub, swarm) -> None:
+    """No other session has to open: the peer's heartbeat gives an idle session's KV cache back."""
+    with Stream(stub) as idle:
+        idle.send(open_session(swarm.model_id, "forgotten"))
+        deadline = time.monotonic() + 60
+        while (info := stub.Info(pb.InfoRequest(), timeout=10)).open_sessions:
+            assert time.monotonic() < deadline, f"{info.open_sessions} sessions still open after 60 s"
+            time.sleep(0.5)
+        assert info.cache_bytes_used == 0
+        assert_refused(lambda: idle.send(step("forgotten")), Code.NOT_FOUND, "session forgotten expired")
+    assert_serves(stub, swarm.model_id)
+
+
+def test_a_stream_that_never_opens_a_session_is_closed(stub, swarm) -> None:
+    """It would hold one of the peer's workers for ever; it is cancelled after the open timeout."""
+    began = time.monotonic()
+    requests: queue.SimpleQueue = queue.SimpleQueue()  # nothing is put in until the test ends
+    silent = stub.Inference(iter(requests.get, None), timeout=60)
+    try:
+        with pytest.raises(grpc.RpcError) as closed:
+            next(silent)
+    finally:
+        requests.put(None)  # lets gRPC's request thread of this call end
+    assert closed.value.code() == Code.CANCELLED
+    assert time.monotonic() - began < 30  # the open timeout, not the client's own 60 s deadline
     assert_serves(stub, swarm.model_id)
 
 
