@@ -83,13 +83,21 @@ def test_a_swarm_comes_back_after_every_process_is_killed(tiny_model, tmp_path, 
         while not remembered.exists():  # the coordinator writes its peers' addresses every few seconds
             assert time.monotonic() < deadline, "the coordinator never remembered its peers"
             time.sleep(0.5)
+        identities = {(peer.start, peer.end): (peer.peer_id, state_dir_of(peer)) for peer in peers}
         for peer in peers:
             peer.process.process.send_signal(signal.SIGKILL)
             swarm.kill_peer(peer)
         swarm.kill_coordinator()
         swarm.start_coordinator()
-        swarm.add_peers(["0:2", "2:4"])
+        for (start, end), (peer_id, state_dir) in identities.items():  # each machine reboots with its disk
+            (again,) = swarm.add_peers([f"{start}:{end}"], "--state-dir", state_dir)
+            assert again.peer_id == peer_id  # one identity across restarts: the DHT key in its state directory
         assert generate(swarm, tmp_path_factory) == expected
+
+
+def state_dir_of(peer) -> str:
+    argv = peer.process.argv
+    return argv[argv.index("--state-dir") + 1]
 
 
 def test_one_state_directory_serves_one_process(tmp_path) -> None:
