@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from tsotsa.client.swarm import Swarm
-from tsotsa.records import RecordError, ServerRecord, check_multiaddr
+from tsotsa.records import ServerRecord, multiaddr_problem
 
 logger = logging.getLogger(__name__)
 MAX_REMEMBERED = 64
@@ -31,7 +31,7 @@ class PeerMemory:
             lines = self.path.read_text(errors="replace").split()
         except OSError:
             return []
-        return [line for line in lines if _parses(line)][:MAX_REMEMBERED]
+        return [line for line in lines if multiaddr_problem(line) is None][:MAX_REMEMBERED]
 
     def save(self, servers: list[ServerRecord]) -> None:
         addresses = sorted({address for server in servers for address in server.dht_addresses})[:MAX_REMEMBERED]
@@ -56,14 +56,6 @@ class PeerMemory:
         thread = threading.Thread(target=loop, name="peer-memory", daemon=True)
         thread.start()
         return thread
-
-
-def _parses(line: str) -> bool:
-    try:
-        check_multiaddr(line)
-        return True
-    except RecordError:
-        return False
 
 
 class RememberingSwarm(Swarm):

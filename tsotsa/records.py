@@ -110,7 +110,7 @@ class ServerRecord:
             _check_host_port(address)
         dht_addresses = _texts(value, "dht_addresses")
         for maddr in dht_addresses:
-            problem = _multiaddr_problem(maddr)
+            problem = multiaddr_problem(maddr)
             if problem:
                 raise RecordError(problem)
         return cls(peer_id=peer_id, address=address, start=start, end=end, state=state,
@@ -133,7 +133,7 @@ def check_multiaddr(text: str) -> "Multiaddr":
 
 
 @functools.lru_cache(maxsize=4096)
-def _multiaddr_problem(text: str) -> str | None:
+def multiaddr_problem(text: str) -> str | None:
     """Why `text` is no valid multiaddr, or None; cached: the same peers' addresses come back at every
     lookup, and parsing one takes ~0.1 ms."""
     try:
