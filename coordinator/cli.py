@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import AdminToken, CoordinatorAddress, SwarmToken, run_command
+from tsotsa.console import (AdminToken, CoordinatorAddress, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls,
+                            run_command)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The tsotsa coordinator.")
 
@@ -27,14 +28,20 @@ def up(
     state_dir: Path = typer.Option(None, help="Where the DHT identity, runs' data and adapters go (default "
                                               "~/.local/share/tsotsa/coordinator/MODEL_ID)."),
     db: Path = typer.Option(None, help="The runs' SQLite database (default STATE_DIR/coordinator.sqlite)."),
+    nat_traversal: NatTraversal = False,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Serve MODEL to the swarm until SIGTERM or Ctrl-C; runs left unfinished by a restart resume."""
 
     def body() -> None:
+        tls = load_tls(tls_cert, tls_key, tls_ca)  # first: a bad TLS file is refused before torch loads
         from tsotsa.coordinator.server import CoordinatorOptions, serve_coordinator  # after quiet_libraries
 
         options = CoordinatorOptions(model_dir=model, host=host, port=port, dht_port=dht_port, token=token,
-                                     admin_token=admin_token, state_dir=state_dir, db=db)
+                                     admin_token=admin_token, state_dir=state_dir, db=db,
+                                     nat_traversal=nat_traversal, tls=tls)
         serve_coordinator(options, announce=lambda line: print(line, flush=True))
 
     run_command(body)
@@ -209,6 +216,9 @@ def finetune(
     token: SwarmToken = None,
     admin_token: AdminToken = None,
     detach: bool = typer.Option(False, "--detach", help="Launch the run and return without following it."),
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Launch a LoRA fine-tuning run on the swarm and follow its progress (Ctrl-C detaches; the run goes on)."""
 
@@ -250,7 +260,8 @@ def finetune(
                               weight_decay=weight_decay, seed=seed, gradient_checkpointing=gradient_checkpointing,
                               lr_schedule=lr_schedule, warmup_steps=warmup_steps,
                               out_dir=str(out) if out is not None else "")
-        with CoordinatorClient(coordinator, token=token, admin_token=admin_token) as client:
+        with CoordinatorClient(coordinator, token=token, admin_token=admin_token,
+                               tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
             info = client.create_run(name, config, data, eval_data)
             print(f"run {info.name} created: {info.state}", flush=True)
             if detach:
@@ -267,6 +278,9 @@ def runs(
     coordinator: CoordinatorAddress = ...,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line (a list of runs)."),
     token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """List the coordinator's fine-tuning runs."""
 
@@ -275,7 +289,7 @@ def runs(
 
         from tsotsa.coordinator_client import CoordinatorClient
 
-        with CoordinatorClient(coordinator, token=token) as client:
+        with CoordinatorClient(coordinator, token=token, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
             infos = client.runs()
         rows = []
         for info in infos:
@@ -309,6 +323,9 @@ def run_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
     follow: bool = typer.Option(False, "--follow", help="Then follow its progress until it ends, as finetune does."),
     token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Show a run: its state, its configuration and its rounds."""
 
@@ -317,7 +334,7 @@ def run_(
 
         from tsotsa.coordinator_client import CoordinatorClient
 
-        with CoordinatorClient(coordinator, token=token) as client:
+        with CoordinatorClient(coordinator, token=token, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
             info = client.run(run)
             config = _config(info)
             if as_json:
@@ -360,6 +377,9 @@ def stop(
     coordinator: CoordinatorAddress = ...,
     token: SwarmToken = None,
     admin_token: AdminToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Stop a run; the rounds it finished, and their adapters, stay."""
 
@@ -369,7 +389,8 @@ def stop(
         if not admin_token:
             raise ValueError("stopping a run needs the coordinator's admin token: give --admin-token "
                              "(or TSOTSA_ADMIN_TOKEN)")
-        with CoordinatorClient(coordinator, token=token, admin_token=admin_token) as client:
+        with CoordinatorClient(coordinator, token=token, admin_token=admin_token,
+                               tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
             info = client.stop_run(run)
         print(_state_line(info.name or run, info.state, info.message))
 
@@ -385,6 +406,9 @@ def export(
                                                       "checkpoint that needs no PEFT (CPU is enough)."),
     base: Path = typer.Option(None, "--base", help="The base model's checkpoint directory (for --merge)."),
     token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Export the adapter of a run's last finished round in PEFT's format, or merged into the base model.
 
@@ -403,7 +427,7 @@ def export(
             raise ValueError("--merge needs --base, the base model's checkpoint directory")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ValueError(f"{out} already exists and is not empty; choose another --out")
-        with CoordinatorClient(coordinator, token=token) as client:
+        with CoordinatorClient(coordinator, token=token, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
             spec, tensors = fetch_adapter(client, run)
             info = client.model_info()
         settings = lora_from_spec(spec)

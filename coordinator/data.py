@@ -34,7 +34,7 @@ def parse_jsonl(data: bytes, name: str) -> list[Row]:
     """Every line is checked, so that the first bad one is reported rather than silently dropped."""
     rows = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{name} line {number}"
+        where = f"{name[:120]} line {number}"
         if len(raw) > MAX_LINE_BYTES:
             raise DataError(f"{where}: longer than {MAX_LINE_BYTES >> 20} MiB")
         if not raw.strip():

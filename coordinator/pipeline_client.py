@@ -18,6 +18,7 @@ import torch
 from tsotsa.client.swarm import Swarm
 from tsotsa.codec import decode, encode
 from tsotsa.records import ServerRecord
+from tsotsa.run_credentials import METADATA_KEY, RunSigner
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.coordinator.pipelines import Pipeline
 
@@ -32,19 +33,25 @@ class PipelineBroken(Exception):
 
 
 class PipelineClient:
-    """The peers' training RPCs for run `run` of model `model_id`, hidden states sent in `wire_dtype`."""
+    """The peers' training RPCs for run `run` of model `model_id`, hidden states sent in `wire_dtype`; each
+    carries a run credential from `signer` (peers accept training calls only with one)."""
 
-    def __init__(self, swarm: Swarm, run: str, model_id: str, wire_dtype: torch.dtype) -> None:
+    def __init__(self, swarm: Swarm, run: str, model_id: str, wire_dtype: torch.dtype, signer: RunSigner) -> None:
         self.swarm, self.run, self.model_id, self.wire_dtype = swarm, run, model_id, wire_dtype
+        self.signer = signer
+
+    def _rpc(self, peer: ServerRecord, method: str, request, timeout: float | None = None):
+        """One training RPC to `peer` with this run's credential (signed per call: ~50 us, no expiry to track)."""
+        metadata = [(METADATA_KEY, self.signer.credential(self.model_id, self.run))]
+        return getattr(self.swarm.stub(peer.address), method)(request, timeout=timeout or self.swarm.step_timeout,
+                                                              metadata=metadata)
 
     def open(self, peer: ServerRecord, lora: pb.LoraSpec, adapter: dict[str, torch.Tensor]) -> None:
         """OpenTraining, then SetAdapter with `adapter` (the peer's blocks of it). grpc.RpcError passes
         through: the caller decides whether a peer it could not prepare matters."""
-        stub = self.swarm.stub(peer.address)
-        timeout = self.swarm.step_timeout
-        stub.OpenTraining(pb.OpenTrainingRequest(model_id=self.model_id, run=self.run, lora=lora), timeout=timeout)
+        self._rpc(peer, "OpenTraining", pb.OpenTrainingRequest(model_id=self.model_id, run=self.run, lora=lora))
         tensors = [pb.NamedTensor(name=key, tensor=encode(tensor)) for key, tensor in sorted(adapter.items())]
-        stub.SetAdapter(pb.SetAdapterRequest(run=self.run, tensors=tensors), timeout=timeout)
+        self._rpc(peer, "SetAdapter", pb.SetAdapterRequest(run=self.run, tensors=tensors))
 
     def train_forward(self, pipeline: Pipeline, tag: str, hidden: torch.Tensor, mask: torch.Tensor
                       ) -> tuple[torch.Tensor, int]:
@@ -82,7 +89,7 @@ class PipelineClient:
             if peer.peer_id == dead.peer_id:
                 continue
             try:
-                self.swarm.stub(peer.address).Discard(pb.DiscardRequest(run=self.run), timeout=self.swarm.step_timeout)
+                self._rpc(peer, "Discard", pb.DiscardRequest(run=self.run))
             except grpc.RpcError as error:
                 logger.warning("cannot discard on %s: %s", peer.address, error)
 
@@ -91,8 +98,7 @@ class PipelineClient:
         replicas = []
         for peer in peers:
             try:
-                reply = self.swarm.stub(peer.address).GetAdapter(pb.GetAdapterRequest(run=self.run),
-                                                                 timeout=self.swarm.step_timeout)
+                reply = self._rpc(peer, "GetAdapter", pb.GetAdapterRequest(run=self.run))
             except grpc.RpcError as error:
                 logger.warning("replica %s is gone; its blocks keep the other replicas' work: %s",
                                peer.address, error.code().name)
@@ -114,14 +120,13 @@ class PipelineClient:
         """The run's training state goes; its adapter stays loaded on the peers, ready to serve."""
         for peer in peers:
             try:
-                self.swarm.stub(peer.address).CloseTraining(pb.CloseTrainingRequest(run=self.run, keep=True),
-                                                            timeout=CLOSE_TIMEOUT)
+                self._rpc(peer, "CloseTraining", pb.CloseTrainingRequest(run=self.run, keep=True), CLOSE_TIMEOUT)
             except grpc.RpcError:
                 pass  # not open there, or gone
 
     def call(self, peer: ServerRecord, method: str, request):
         """One RPC of a pipeline's passes; any failure breaks the pipeline at `peer`."""
         try:
-            return getattr(self.swarm.stub(peer.address), method)(request, timeout=self.swarm.step_timeout)
+            return self._rpc(peer, method, request)
         except grpc.RpcError as error:
             raise PipelineBroken(peer, f"{method}: {error.code().name}: {error.details()}") from None

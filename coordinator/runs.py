@@ -3,20 +3,25 @@ progress as events, stopping them, and resuming those a restart interrupted."""
 
 from __future__ import annotations
 
-import shutil
+import itertools
+import logging
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tsotsa.client.swarm import Swarm
 from tsotsa.errors import TsotsaError
+from tsotsa.run_credentials import RunSigner
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.training.lora import check_run_name
 from tsotsa.coordinator.data import Example, parse_jsonl, tokenize
-from tsotsa.coordinator.store import RunRecord, RunStore, UNFINISHED_STATES
+from tsotsa.coordinator.store import RunExists, RunRecord, RunStore, UNFINISHED_STATES
 from tsotsa.coordinator.trainer import BaseModel, RunDriver, RunSpec
 
-MAX_EVENTS = 10_000  # per run: a watcher that joins late replays at most this many
+MAX_EVENTS = 10_000  # kept per run: a watcher that joins late replays at most this many
+
+logger = logging.getLogger(__name__)
 
 
 class RunError(TsotsaError):
@@ -24,65 +29,94 @@ class RunError(TsotsaError):
 
 
 class EventLog:
-    """A run's progress events; watchers read from the start and then follow until the run ends."""
+    """A run's progress events; watchers read from the start and then follow until the run ends.
+
+    Events are numbered from 0 for the life of the log, and only the last MAX_EVENTS are kept, so a
+    watcher's place is an event number, not a position in what is kept (positions shift once old events
+    go). A watcher that falls more than MAX_EVENTS behind (or joins after that many) goes on from the oldest
+    event still kept: the ones it missed are gone, which is logged, and nothing else changes for it (the
+    events after the gap are complete and in order, and the run's final state still ends its stream).
+    """
 
     def __init__(self) -> None:
-        self.events: list[pb.RunEvent] = []
+        self._events: deque[pb.RunEvent] = deque(maxlen=MAX_EVENTS)
+        self._first = 0  # the number of the oldest kept event
         self.closed = False
         self._changed = threading.Condition()
 
+    @property
+    def emitted(self) -> int:
+        """How many events the run has emitted, kept or not: the number the next one gets."""
+        with self._changed:
+            return self._first + len(self._events)
+
     def emit(self, event: pb.RunEvent) -> None:
         with self._changed:
-            self.events.append(event)
-            del self.events[:-MAX_EVENTS]
+            if len(self._events) == MAX_EVENTS:
+                self._first += 1  # the deque drops its oldest on append
+            self._events.append(event)
             if event.kind == "state" and event.state not in UNFINISHED_STATES:
                 self.closed = True
             self._changed.notify_all()
 
-    def follow(self, alive) -> Iterator[pb.RunEvent]:
-        seen = 0
+    def follow(self, alive: Callable[[], bool]) -> Iterator[pb.RunEvent]:
+        """Every event from the oldest kept one on, then each new one as it comes, until the log is closed
+        (the run's final state) or `alive()` turns false; `alive` is checked at least once a second."""
+        following = 0  # the number of the next event this watcher gets
         while True:
             with self._changed:
-                while seen >= len(self.events) and not self.closed and alive():
+                while following >= self._first + len(self._events) and not self.closed and alive():
                     self._changed.wait(1.0)
-                pending, seen = self.events[seen:], len(self.events)
+                if following < self._first:
+                    logger.info("a watcher fell %d events behind; it goes on from event %d", self._first - following,
+                                self._first)
+                    following = self._first
+                pending = list(itertools.islice(self._events, following - self._first, None))
+                following += len(pending)
                 finished = self.closed or not alive()
             yield from pending
-            if finished and seen >= len(self.events):
-                return
+            if finished:
+                with self._changed:
+                    if following >= self._first + len(self._events):
+                        return
 
 
 class RunManager:
-    def __init__(self, store: RunStore, state_dir: Path, base: BaseModel, swarm: Swarm) -> None:
-        self.store, self.state_dir, self.base, self.swarm = store, state_dir, base, swarm
+    def __init__(self, store: RunStore, state_dir: Path, base: BaseModel, swarm: Swarm, signer: RunSigner) -> None:
+        """`signer`: the coordinator's key for the run credentials its training calls to peers carry."""
+        self.store, self.state_dir, self.base, self.swarm, self.signer = store, state_dir, base, swarm, signer
         self.drivers: dict[str, RunDriver] = {}
         self.logs: dict[str, EventLog] = {}
         self._lock = threading.Lock()
 
     def create(self, name: str, spec_fields: dict, train_name: str, train: bytes, eval_name: str,
                eval_data: bytes) -> RunRecord:
-        """Checks the data (a bad file fails here, naming its line) and starts the run."""
+        """Checks the data (a bad file fails here, naming its line) and starts the run.
+
+        The store's insert claims the name before anything touches the disk: of two calls with one name,
+        the one whose insert loses gets RunExists having written and removed nothing, so it can never
+        overwrite or delete the winner's directory. A coordinator killed between the insert and the data
+        files leaves a queued run without them; resumed, it fails naming the missing file."""
         check_run_name(name)
-        if self.store.get_run(name) is not None:
-            raise RunError(f"a run named {name!r} exists already")
+        if self.store.get_run(name) is not None:  # refused before the tokenizing; the insert below decides races
+            raise RunExists(f"a run named {name!r} already exists")
         examples = (self._tokenize(train, train_name or "train data", spec_fields["seq_len"]),
                     self._tokenize(eval_data, eval_name or "eval data", spec_fields["seq_len"]) if eval_data else [])
         run_dir = self.state_dir / "runs" / name
         out_dir = Path(spec_fields.pop("out_dir", None) or run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        train_file = run_dir / "train.jsonl"
-        train_file.write_bytes(train)
-        eval_file = None
-        if eval_data:
-            eval_file = run_dir / "eval.jsonl"
-            eval_file.write_bytes(eval_data)
+        train_file, eval_file = run_dir / "train.jsonl", run_dir / "eval.jsonl" if eval_data else None
         spec = RunSpec(name=name, train_file=str(train_file), eval_file=eval_file and str(eval_file),
                        out_dir=str(out_dir), **spec_fields)
+        record = self.store.create_run(name, spec.to_dict())
         try:
-            record = self.store.create_run(name, spec.to_dict())
-        except TsotsaError:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+            run_dir.mkdir(parents=True, exist_ok=True)  # the name is this call's now, and so is its directory
+            train_file.write_bytes(train)
+            if eval_file is not None:
+                eval_file.write_bytes(eval_data)
+        except OSError as error:
+            message = f"cannot write the run's data into {run_dir}: {error.strerror or error}"
+            self.store.set_state(name, "failed", message)
+            raise RunError(message) from None
         self._start(spec, examples)
         return record
 
@@ -108,14 +142,16 @@ class RunManager:
     def get(self, name: str) -> RunRecord:
         return self._record(name)
 
-    def watch(self, name: str) -> Iterator[pb.RunEvent]:
+    def watch(self, name: str, active: Callable[[], bool] = lambda: True) -> Iterator[pb.RunEvent]:
+        """The run's events until it ends, or until `active()` (the watcher's stream is open) turns false,
+        which is noticed within a second even while the run emits nothing."""
         record = self._record(name)
         log = self.logs.get(name)
         if log is None:  # a run that ended before this coordinator started: its end is all there is to see
             yield pb.RunEvent(kind="state", state=record.state, message=record.message)
             return
         driver = self.drivers[name]
-        yield from log.follow(lambda: driver.alive)
+        yield from log.follow(lambda: driver.alive and active())
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Drivers leave between units; their runs stay unfinished and resume when a coordinator restarts."""
@@ -129,14 +165,20 @@ class RunManager:
 
     def _start(self, spec: RunSpec, examples: tuple[list[Example], list[Example]] | None = None) -> None:
         log = EventLog()
-        driver = RunDriver(spec, self.store, self.base, self.swarm, log.emit, examples)
+        driver = RunDriver(spec, self.store, self.base, self.swarm, log.emit, examples, signer=self.signer)
         with self._lock:
             self.drivers[spec.name], self.logs[spec.name] = driver, log
         driver.start()
 
     def _record(self, name: str) -> RunRecord:
+        """The stored run, except that a state its driver could not write yet (the store locked or its disk
+        full) is the one reported: that is where the run stands, whatever the store still says."""
         record = self.store.get_run(name)
         if record is None:
             raise KeyError(name)
+        driver = self.drivers.get(name)
+        unsaved = driver.unsaved_state if driver is not None else None
+        if unsaved is not None:
+            record.state, record.message = unsaved
         return record
 

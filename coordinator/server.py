@@ -14,11 +14,13 @@ from tsotsa.checkpoint import HEAD_PREFIXES, Checkpoint
 from tsotsa.dht import start_bootstrap_dht
 from tsotsa.head import ModelHead
 from tsotsa.rpc import start_server
+from tsotsa.run_credentials import RunSigner
+from tsotsa.tls import TlsSettings
 from tsotsa.state import StateDir, default_state_dir
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.coordinator.rejoin import PeerMemory, RememberingSwarm
 from tsotsa.coordinator.runs import RunManager
-from tsotsa.coordinator.service import CoordinatorService
+from tsotsa.coordinator.service import MAX_STREAMS, CoordinatorService
 from tsotsa.coordinator.store import RunStore
 from tsotsa.coordinator.trainer import BaseModel
 
@@ -35,6 +37,8 @@ class CoordinatorOptions:
     admin_token: str | None = None
     state_dir: Path | None = None  # default: one per model id (tsotsa.state.default_state_dir)
     db: Path | None = None
+    nat_traversal: bool = False  # UPnP and libp2p relays for the DHT node (tsotsa.dht.start_dht)
+    tls: TlsSettings | None = None  # mutual TLS on the gRPC server and on the channels to peers (tsotsa.tls)
 
 
 def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
@@ -44,16 +48,18 @@ def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
     store = RunStore(options.db or state.path / "coordinator.sqlite")
     memory = PeerMemory(state.path / "known-peers.txt")
     dht = start_bootstrap_dht(memory.load(), host=options.host, port=options.dht_port,
-                              identity_path=state.identity_path)
+                              identity_path=state.identity_path, token=options.token,
+                              nat_traversal=options.nat_traversal)
     swarm = RememberingSwarm(dht, checkpoint.model_id, checkpoint.config.num_hidden_layers, token=options.token,
-                             memory=memory)
-    runs = RunManager(store, state.path, base_model(checkpoint), swarm)
+                             memory=memory, tls=options.tls)
+    runs = RunManager(store, state.path, base_model(checkpoint), swarm, RunSigner(state.path / "run-signing.key"))
     stop = threading.Event()
     try:
         memory.keep_updated(swarm, stop)
         service = CoordinatorService(checkpoint, checkpoint.model_id, dht, runs, options.admin_token)
         server, bound = start_server(lambda server: pb_grpc.add_CoordinatorServicer_to_server(service, server),
-                                     options.host, options.port, options.token, workers=16)
+                                     options.host, options.port, options.token, workers=MAX_STREAMS + 4,
+                                     tls=options.tls)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
         announce(f"coordinator of {checkpoint.model_id} ({checkpoint.config.num_hidden_layers} blocks) "

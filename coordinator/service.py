@@ -1,12 +1,22 @@
 """The coordinator's gRPC service: the model's identity, the swarm map, the checkpoint's tensors, and the
-fine-tuning runs (launch, watch, list, stop, adapters)."""
+fine-tuning runs (launch, watch, list, stop, adapters).
+
+Each call holds one of the server's worker threads for as long as it lasts, and a stream (Fetch, WatchRun)
+can last for minutes or the whole run. Streams therefore share at most MAX_STREAMS slots, fewer than the
+server's workers (coordinator/server.py starts it with 16): a stream beyond them is refused at once with
+RESOURCE_EXHAUSTED instead of taking the last workers, so GetModelInfo, which every joining machine needs
+first, and the other short calls always find one free.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -23,19 +33,30 @@ from tsotsa.training.lora import LoraSettings, OptimizerSettings, lora_spec
 from tsotsa.training.schedule import check_schedule
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
+from tsotsa.coordinator.reports import MAX_REASON, PeerReports
 from tsotsa.coordinator.runs import RunManager
-from tsotsa.coordinator.store import RunRecord
+from tsotsa.coordinator.store import RunExists, RunRecord, StoreBusy
 from tsotsa.coordinator.trainer import RunSpec
 
+logger = logging.getLogger(__name__)
+
 CHUNK_BYTES = 1 << 20
+MAX_STREAMS = 12  # concurrent Fetch and WatchRun calls; the server has 4 workers more (coordinator/server.py)
 ALLOWED_PREFIXES = (BLOCKS_PREFIX, *HEAD_PREFIXES)
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, checkpoint: Checkpoint, model_id: str, dht: SwarmDHT, runs: RunManager,
-                 admin_token: str | None) -> None:
+                 admin_token: str | None, max_streams: int = MAX_STREAMS) -> None:
+        """`max_streams`: how many Fetch and WatchRun calls run at once; it must stay below the server's
+        worker threads, or streams can take every worker."""
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be at least 1, not {max_streams}")
         self.checkpoint, self.model_id, self.dht, self.runs = checkpoint, model_id, dht, runs
         self.admin_token = admin_token
+        self.reports = PeerReports()
+        self.max_streams = max_streams
+        self._stream_slots = threading.BoundedSemaphore(max_streams)
         self.config_json = (checkpoint.directory / "config.json").read_text()
         self.tokenizer_files = [name for name in TOKENIZER_FILES if (checkpoint.directory / name).is_file()]
         self.initial_peers = dht.visible_maddrs()
@@ -51,6 +72,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             tokenizer_files=self.tokenizer_files,
             torch_dtype=self.torch_dtype,
             total_bytes=self.checkpoint.total_bytes,
+            run_signing_key=self.runs.signer.public_key,
         )
 
     def SwarmStatus(self, request: pb.SwarmStatusRequest, context: grpc.ServicerContext) -> pb.SwarmMap:
@@ -65,18 +87,40 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             for record in sorted(servers.values(), key=lambda r: (r.start, r.end, r.peer_id))
         ]
         return pb.SwarmMap(model_id=self.model_id, num_blocks=self.checkpoint.config.num_hidden_layers, peers=peers,
-                           rejected_records=rejected)
+                           rejected_records=rejected, reported=self.reports.listing())
 
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchChunk]:
+    def ReportPeer(self, request: pb.PeerReport, context: grpc.ServicerContext) -> pb.PeerReportAck:
         if request.model_id != self.model_id:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"this coordinator serves model {self.model_id}, not {request.model_id!r}")
+                          f"this coordinator serves {self.model_id}, not {request.model_id[:80]!r}")
+        peer_id = request.peer_id
+        if not 0 < len(peer_id) <= 128 or not (peer_id.isascii() and peer_id.isalnum()):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "peer_id must be a peer id (base58, at most 128 characters)")
+        blocks = self.checkpoint.config.num_hidden_layers
+        if not request.start_block < request.end_block <= blocks:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"blocks {request.start_block}:{request.end_block} are not a span of the model's {blocks}")
+        reason = " ".join(request.reason.split())
+        logger.warning("a client reports peer %s (blocks %d:%d): %s", request.peer_id, request.start_block,
+                       request.end_block, reason[:MAX_REASON])
+        self.reports.add(request.peer_id, f"blocks {request.start_block}:{request.end_block}: {reason}")
+        return pb.PeerReportAck()
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchChunk]:
+        with self._stream_slot(context, "Fetch"):
+            yield from self._fetch(request, context)
+
+    def _fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[pb.FetchChunk]:
+        if request.model_id != self.model_id:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this coordinator serves model {self.model_id}, not {request.model_id[:80]!r}")
         bad = [p for p in request.tensor_prefixes if not p.startswith(ALLOWED_PREFIXES)]
         if bad:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tensor prefixes not served: {bad[:3]}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"tensor prefixes not served: {[prefix[:80] for prefix in bad[:3]]}")
         unknown = [name for name in request.file_names if name not in self.tokenizer_files]
         if unknown:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"files not served: {unknown[:3]}")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"files not served: {[name[:80] for name in unknown[:3]]}")
         for name in self.checkpoint.names_with_prefix(list(request.tensor_prefixes)):
             tensor = self.checkpoint.read([name])[name]
             yield from _chunks(name, tensor_bytes(tensor), is_file=False, dtype=DTYPE_NAMES[tensor.dtype],
@@ -93,6 +137,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             fields = run_fields(request.config)
             record = self.runs.create(request.name, fields, request.train_name, request.train_data,
                                       request.eval_name, request.eval_data)
+        except RunExists as error:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(error))
+        except StoreBusy as error:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         except (TsotsaError, ValueError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return self._run_info(record)
@@ -108,23 +156,38 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.RunList(runs=[self._run_info(record) for record in self.runs.store.list_runs()])
 
     def WatchRun(self, request: pb.RunRequest, context: grpc.ServicerContext) -> Iterator[pb.RunEvent]:
-        self._known_run(request.name, context, self.runs.get)
-        for event in self.runs.watch(request.name):
-            if not context.is_active():
-                return
-            yield event
+        with self._stream_slot(context, "WatchRun"):
+            self._known_run(request.name, context, self.runs.get)
+            # A watcher that hangs up frees its slot within a second, even while the run emits nothing.
+            for event in self.runs.watch(request.name, context.is_active):
+                if not context.is_active():
+                    return
+                yield event
 
     def GetAdapter(self, request: pb.AdapterRequest, context: grpc.ServicerContext) -> pb.AdapterTensors:
         """The run's latest aggregated adapter for blocks [start, end) (all blocks when end is 0)."""
         self._known_run(request.run, context, self.runs.get)
         checkpoint = self.runs.store.last_checkpoint(request.run)
         if not checkpoint:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run!r} has no completed round yet")
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"run {request.run[:80]!r} has no completed round yet")
         tensors, lora = read_adapter(Path(checkpoint))
         end = request.end_block or self.checkpoint.config.num_hidden_layers
         return pb.AdapterTensors(run=request.run, lora=lora_spec(lora), tensors=[
             pb.NamedTensor(name=key, tensor=encode(tensor))
             for key, tensor in sorted(blocks_of(tensors, request.start_block, end).items())])
+
+    @contextmanager
+    def _stream_slot(self, context: grpc.ServicerContext, what: str) -> Iterator[None]:
+        """One of the MAX_STREAMS slots for the body of a streaming call, or RESOURCE_EXHAUSTED when all
+        are taken; the slot is given back however the stream ends (finished, refused, cancelled)."""
+        if not self._stream_slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the coordinator already serves {self.max_streams} streams (Fetch, WatchRun), its "
+                          f"limit; {what} was refused: try again when one ends")
+        try:
+            yield
+        finally:
+            self._stream_slots.release()
 
     def _require_admin(self, context: grpc.ServicerContext) -> None:
         refusal = admin_refusal(self.admin_token, context)

@@ -13,6 +13,7 @@ peers are coordinator/pipeline_client.py, the loss and the batches tsotsa.traini
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -24,16 +25,17 @@ from pathlib import Path
 
 import grpc
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from transformers import LlamaConfig
 
 from tsotsa.client.swarm import Swarm
 from tsotsa.errors import SwarmError
 from tsotsa.head import ModelHead
 from tsotsa.records import ServerRecord
-from tsotsa.training.aggregate import aggregate, blocks_of
+from tsotsa.run_credentials import RunSigner
+from tsotsa.training.aggregate import adapter_problem, aggregate, blocks_of
 from tsotsa.training.batches import Example, collate, micro_batches
-from tsotsa.training.export import initial_adapter, read_adapter, write_adapter
+from tsotsa.training.export import initial_adapter, read_adapter, write_adapter, write_durably
 from tsotsa.training.lora import LoraSettings, OptimizerSettings, lora_spec
 from tsotsa.training.loss import causal_lm_loss, summed_loss
 from tsotsa.training.schedule import learning_rate
@@ -45,6 +47,11 @@ from tsotsa.coordinator.store import Participant, RunStore
 
 logger = logging.getLogger(__name__)
 WAIT_SECONDS = 2.0
+# Pauses between the tries of writing a run's final state (each try waits out the store's own retries).
+FINAL_STATE_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+# A checkpoint that cannot be written for lack of space is tried again this often, the run waiting meanwhile.
+DISK_FULL_WAIT_SECONDS = 30.0
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -107,6 +114,7 @@ class RoundProgress:
     wire_bytes: int = 0
     losses: list[float] = field(default_factory=list)
     trained: dict[str, ServerRecord] = field(default_factory=dict)  # peers whose adapters hold this round's work
+    dealt: dict[str, int] = field(default_factory=dict)  # peer id -> samples this coordinator had it step on
     broken: set[str] = field(default_factory=set)  # peers that failed this round: not used again in it
     began: float = field(default_factory=time.perf_counter)
 
@@ -115,10 +123,11 @@ class RunDriver:
     """Runs one run from its first unfinished round to the end; `stop` ends it between units."""
 
     def __init__(self, spec: RunSpec, store: RunStore, base: BaseModel, swarm: Swarm,
-                 emit: Callable[[pb.RunEvent], None], data: tuple[list[Example], list[Example]] | None = None
-                 ) -> None:
+                 emit: Callable[[pb.RunEvent], None], data: tuple[list[Example], list[Example]] | None = None,
+                 *, signer: RunSigner) -> None:
         """`data`: the training and eval examples when the caller has them already (a new run, checked at
-        creation); a resumed run reads them back from its files."""
+        creation); a resumed run reads them back from its files. `signer` signs the run credential of every
+        training call to a peer."""
         self.spec, self.store, self.base, self.swarm, self.emit = spec, store, base, swarm, emit
         self.stop_requested = threading.Event()
         self._data = data
@@ -129,7 +138,9 @@ class RunDriver:
         self._lock = threading.Lock()
         self._leaving = False  # stopping because the coordinator shuts down: the run resumes after restart
         self._thread: threading.Thread | None = None
-        self.peers = PipelineClient(swarm, spec.name, base.model_id, base.head.dtype)
+        # The state the store has not taken yet (see _finish and _set_state), as (state, message); else None.
+        self.unsaved_state: tuple[str, str] | None = None
+        self.peers = PipelineClient(swarm, spec.name, base.model_id, base.head.dtype, signer)
 
     # ------------------------------------------------------------------- run
 
@@ -151,6 +162,7 @@ class RunDriver:
             self._thread.join(timeout)
 
     def run(self) -> None:
+        """The thread's body: every round, then the run's final state, which is recorded whatever happened."""
         name = self.spec.name
         try:
             self.examples, self.eval_examples = self._data or self._read_data()
@@ -162,14 +174,42 @@ class RunDriver:
                 self._set_state("running", f"round {round_index + 1}/{self.spec.rounds}")
                 self._round(round_index)
             self._close_on_peers()
-            self._set_state("finished", f"{self.spec.rounds} rounds done")
+            outcome = ("finished", f"{self.spec.rounds} rounds done")
         except RunStopped:
-            if not self._leaving:
+            if self._leaving:
+                return
+            try:
                 self._close_on_peers()
-                self._set_state("stopped", "stopped by request")
+            except Exception:  # closing is a courtesy to peers; the run is stopped all the same
+                logger.exception("run %s: cannot close it on its peers", name)
+            outcome = ("stopped", "stopped by request")
         except Exception as error:  # the run fails; the coordinator goes on serving
             logger.exception("run %s failed", name)
-            self._set_state("failed", str(error) or type(error).__name__)
+            outcome = ("failed", str(error) or type(error).__name__)
+        self._finish(*outcome)
+
+    def _finish(self, state: str, message: str) -> None:
+        """Records the run's final state. Watchers get it at once; the store gets it as soon as it takes
+        writes again (another process may hold its lock, the disk may be full): the write is tried
+        len(FINAL_STATE_PAUSES) + 1 times in all, and until it succeeds `unsaved_state` holds it, which is what
+        GetRun reports. Should every try fail, the store keeps the run unfinished, so a restarted
+        coordinator resumes it from its last completed round rather than losing it."""
+        self.unsaved_state = (state, message)
+        self.emit(pb.RunEvent(kind="state", state=state, message=message))
+        for attempt, pause in enumerate((*FINAL_STATE_PAUSES, None)):
+            try:
+                self.store.set_state(self.spec.name, state, message)
+            except Exception as error:
+                if pause is None:
+                    logger.error("run %s is %s, but the store did not take it in %d tries (%s); it stays "
+                                 "unfinished there", self.spec.name, state, attempt + 1, error)
+                    return
+                logger.warning("run %s: cannot record its state %r (%s); trying again in %g s", self.spec.name,
+                               state, error, pause)
+                time.sleep(pause)
+            else:
+                self.unsaved_state = None
+                return
 
     def _read_data(self) -> tuple[list[Example], list[Example]]:
         spec, tokenizer = self.spec, self.base.tokenizer
@@ -196,7 +236,7 @@ class RunDriver:
         elapsed = time.perf_counter() - progress.began
         replicas = self._gather(progress)
         self.adapter = aggregate(self.adapter, [(state, samples) for _, state, samples in replicas])
-        checkpoint = self._export(index, replicas)
+        checkpoint = self.export_round(index, replicas)
         self._push_everywhere(progress, index + 1)
         eval_loss = self._evaluate(index + 1)
         train_loss = sum(progress.losses) / len(progress.losses)
@@ -296,6 +336,7 @@ class RunDriver:
             progress.losses.extend(losses)
             for peer in pipeline:
                 progress.trained[peer.peer_id] = peer
+                progress.dealt[peer.peer_id] = progress.dealt.get(peer.peer_id, 0) + samples
             done, rate = progress.units_done, progress.tokens / max(time.perf_counter() - progress.began, 1e-9)
         self.emit(pb.RunEvent(kind="step", round=index, steps_done=done, steps_total=spec.steps_per_round,
                               loss=sum(losses) / len(losses), peers=[peer.peer_id for peer in pipeline],
@@ -304,22 +345,47 @@ class RunDriver:
     # ------------------------------------------------------- end of a round
 
     def _gather(self, progress: RoundProgress) -> list[tuple[ServerRecord, dict[str, torch.Tensor], int]]:
-        """Every surviving replica's adapter and its samples this round."""
-        replicas = self.peers.gather(progress.trained.values())
+        """Every surviving replica's adapter, weighted by the samples this coordinator dealt it this round
+        (never a count the peer reports); an adapter of the wrong shape or not finite is left out."""
+        replicas = []
+        for peer, state, _reported in self.peers.gather(progress.trained.values()):
+            problem = adapter_problem(self.adapter, state)
+            if problem:
+                logger.warning("run %s: the adapter of peer %s (%s) is left out of the round: %s", self.spec.name,
+                               peer.peer_id, peer.address, problem)
+                continue
+            replicas.append((peer, state, progress.dealt.get(peer.peer_id, 0)))
         if not replicas:
-            raise SwarmError("every peer that trained this round is gone")
+            raise SwarmError("every peer that trained this round is gone (or sent an adapter that cannot be used)")
         return replicas
 
-    def _export(self, index: int, replicas) -> Path:
+    def export_round(self, index: int, replicas: list[tuple[ServerRecord, dict[str, torch.Tensor], int]]) -> Path:
+        """Writes round `index`'s aggregated adapter (and, in `replicas/`, what each replica sent) as one
+        directory that appears whole or not at all (tsotsa.training.export.write_adapter), so the previous
+        round's stays what a resume reads whatever happens here. When the disk is full the run waits, saying
+        so, and tries again every DISK_FULL_WAIT_SECONDS until the write succeeds or the run is stopped; a
+        coordinator restarted meanwhile resumes the run at this round, from the previous round's adapter."""
         out = Path(self.spec.out_dir) / f"round-{index:03d}"
-        write_adapter(out, self.adapter, self.spec.lora, str(self.base.directory))
-        kept = out / "replicas"
-        kept.mkdir()
-        for peer, state, samples in replicas:
-            save_file({key: tensor.contiguous() for key, tensor in state.items()},
-                      kept / f"{peer.peer_id}.safetensors",
-                      metadata={"samples": str(samples), "blocks": f"{peer.start}:{peer.end}", "address": peer.address})
-        return out
+        waiting = False
+        while True:
+            try:
+                write_adapter(out, self.adapter, self.spec.lora, str(self.base.directory),
+                              extra=lambda staging: _write_replicas(staging / "replicas", replicas))
+            except OSError as error:
+                if error.errno not in DISK_FULL_ERRNOS:
+                    raise
+                if not waiting:
+                    self._set_state("waiting", f"waiting: cannot write the round {index + 1} adapter to {out}: "
+                                               f"{error.strerror or error}; trying again every "
+                                               f"{DISK_FULL_WAIT_SECONDS:g} s", best_effort=True)
+                    waiting = True
+                self.stop_requested.wait(DISK_FULL_WAIT_SECONDS)
+                self._check_stop()
+                continue
+            if waiting:
+                self._set_state("running", f"round {index + 1}/{self.spec.rounds}: its adapter is written",
+                                best_effort=True)
+            return out
 
     def _push_everywhere(self, progress: RoundProgress, version: int) -> None:
         for peer in progress.trained.values():
@@ -362,9 +428,29 @@ class RunDriver:
         if self.stop_requested.is_set():
             raise RunStopped()
 
-    def _set_state(self, state: str, message: str) -> None:
-        self.store.set_state(self.spec.name, state, message)
+    def _set_state(self, state: str, message: str, *, best_effort: bool = False) -> None:
+        """Records and announces where the run stands. A store that refuses the write raises, unless
+        `best_effort` (the run goes on whatever the store says: e.g. it waits for disk space, and the
+        database may be on that disk), in which case `unsaved_state` holds it for GetRun."""
+        try:
+            self.store.set_state(self.spec.name, state, message)
+            self.unsaved_state = None
+        except Exception as error:
+            if not best_effort:
+                raise
+            logger.warning("run %s: cannot record its state %r (%s)", self.spec.name, state, error)
+            self.unsaved_state = (state, message)
         self.emit(pb.RunEvent(kind="state", state=state, message=message))
+
+
+def _write_replicas(directory: Path,
+                    replicas: list[tuple[ServerRecord, dict[str, torch.Tensor], int]]) -> None:
+    """Each replica's adapter as it came from its peer, with its samples and blocks, for inspection."""
+    directory.mkdir()
+    for peer, state, samples in replicas:
+        write_durably(directory / f"{peer.peer_id}.safetensors", save(
+            {key: tensor.contiguous() for key, tensor in state.items()},
+            metadata={"samples": str(samples), "blocks": f"{peer.start}:{peer.end}", "address": peer.address}))
 
 
 def _ranges(blocks: list[int]) -> str:

@@ -8,7 +8,7 @@ runtime thread, so concurrent sessions with different adapters never see each ot
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from peft import inject_adapter_in_model
@@ -99,13 +99,14 @@ class Adapters:
     def state(self, name: str) -> dict[str, torch.Tensor]:
         return {key: parameter.detach().to("cpu", copy=True) for key, parameter in self._tensors[name].items()}
 
+    def shapes(self, name: str) -> dict[str, tuple[int, ...]]:
+        """PEFT key -> shape of every A and B of the adapter: what a new state for it must hold."""
+        return {key: tuple(parameter.shape) for key, parameter in self._tensors[name].items()}
+
     def load(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Replaces every A and B of the adapter; the keys and shapes must be exactly this span's."""
         mine = self._tensors[name]
-        missing, unknown = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
-        if missing or unknown:
-            raise ValueError(f"adapter tensors do not match this peer's blocks: missing {missing[:3]}, "
-                             f"unexpected {unknown[:3]}")
+        check_adapter_keys(mine, state)
         for key, tensor in state.items():
             if tuple(tensor.shape) != tuple(mine[key].shape):
                 raise ValueError(f"{key} has shape {list(tensor.shape)}, expected {list(mine[key].shape)}")
@@ -115,3 +116,18 @@ class Adapters:
 
     def _lora_layers(self) -> list[LoraLayer]:
         return [module for module in self.span.modules() if isinstance(module, LoraLayer)]
+
+
+def check_adapter_keys(expected: Iterable[str], given: Iterable[str]) -> None:
+    """ValueError unless `given` names exactly the adapter tensors `expected` (this span's): none missing,
+    none of another span, module or run. Checked on names alone, before any tensor is decoded."""
+    expected, given = set(expected), set(given)
+    missing, unknown = sorted(expected - given), sorted(given - expected)
+    if missing or unknown:
+        raise ValueError(f"adapter tensors do not match this peer's blocks: missing {_names(missing)}, "
+                         f"unexpected {_names(unknown)}")
+
+
+def _names(keys: list[str]) -> list[str]:
+    """The first few keys, each cut short: a refusal should not echo a megabyte of garbage."""
+    return [key[:160] for key in keys[:3]]

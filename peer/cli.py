@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import CoordinatorAddress, SwarmToken, parse_dtype, run_command
+from tsotsa.console import (CoordinatorAddress, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls, parse_dtype,
+                            run_command)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="A tsotsa peer.")
 
@@ -44,10 +45,17 @@ def join(
     wait_timeout: float = typer.Option(None, help="Seconds to wait for an unreachable coordinator before giving "
                                                   "up (default: wait as long as it takes)."),
     token: SwarmToken = None,
+    nat_traversal: NatTraversal = False,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Serve a span of the coordinator's model until SIGTERM (which drains open sessions first)."""
 
     def body() -> None:
+        tls = load_tls(tls_cert, tls_key, tls_ca)  # first: a wrong certificate is refused before torch loads
+        if tls is not None:
+            tls.check_serves(announce_host or host)
         from tsotsa.peer.server import PeerOptions, serve_peer
         from tsotsa.peer.service import PeerLimits
         from tsotsa.remote import default_cache_dir
@@ -68,7 +76,7 @@ def join(
                               session_timeout=session_timeout, open_timeout=open_timeout),
             drain_timeout=drain_timeout, threads=threads, token=token,
             adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,
-            wait_timeout=wait_timeout,
+            wait_timeout=wait_timeout, nat_traversal=nat_traversal, tls=tls,
         )
         serve_peer(options, say=lambda line: print(line, flush=True))
 

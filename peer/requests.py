@@ -5,15 +5,21 @@ for the same blocks; decoding them, checking them against the model config and t
 status codes of the refusals (docs/architecture.md, "Wire format and validation") are the same for all, so
 they are written once here. A check raises a `PeerError` and changes nothing; the caller has not yet
 touched the blocks.
+
+Every tensor is bounded by what its request may hold (the token limit, the hidden size, the shape of the
+hidden states it goes with) on its declared shape, before any of its data is copied or inflated: the codec's
+own limit, 512 MiB, is far more than a request needs, and zlib reaches it from half a MiB.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import grpc
 import torch
 from transformers import LlamaConfig
 
-from tsotsa.codec import FLOAT_DTYPES, WireError, decode
+from tsotsa.codec import FLOAT_DTYPES, WireError, check_header, decode
 from tsotsa.spans import SpanSpec, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.peer.errors import PeerError
@@ -35,8 +41,9 @@ class RequestChecker:
 
     def check_model(self, model_id: str) -> None:
         if model_id != self.model_id:
+            # the id cut short: details of more than a few KiB do not fit in the status's trailer
             raise PeerError(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"this peer serves model {self.model_id}, not {model_id!r}")
+                            f"this peer serves model {self.model_id}, not {model_id[:80]!r}")
 
     def check_blocks(self, start: int, end: int) -> None:
         """Blocks [start, end) are a non-empty range of the model, all of them served here."""
@@ -67,23 +74,54 @@ class RequestChecker:
 
     @staticmethod
     def tensor(message: pb.Tensor, what: str, *, ndim: int, allowed: tuple[str, ...],
-               last_dim: int | None = None) -> torch.Tensor:
-        """`codec.decode`, a malformed tensor refused as INVALID_ARGUMENT."""
+               last_dim: int | None = None, check_shape: Callable[[tuple[int, ...]], None] | None = None
+               ) -> torch.Tensor:
+        """`codec.decode`, a malformed tensor refused as INVALID_ARGUMENT; `check_shape` (which raises a
+        `PeerError` of its own) sees the declared shape before any data is inflated."""
         try:
-            return decode(message, what=what, ndim=ndim, last_dim=last_dim, allowed=allowed)
+            return decode(message, what=what, ndim=ndim, last_dim=last_dim, allowed=allowed, check_shape=check_shape)
         except WireError as error:
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
 
-    def states(self, message: pb.Tensor, what: str) -> torch.Tensor:
-        """Float [batch, length, hidden_size]: hidden states, or a gradient with respect to them."""
-        return self.tensor(message, what, ndim=3, last_dim=self.config.hidden_size, allowed=FLOAT_DTYPES)
+    @staticmethod
+    def header(message: pb.Tensor, what: str, *, ndim: int, allowed: tuple[str, ...],
+               check_shape: Callable[[tuple[int, ...]], None] | None = None) -> None:
+        """What `tensor` checks before it decodes (`codec.check_header`, then `check_shape`), without decoding:
+        a request of many tensors is checked whole before the first is inflated."""
+        try:
+            _, shape, _ = check_header(message, what=what, ndim=ndim, allowed=allowed)
+        except WireError as error:
+            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        if check_shape is not None:
+            check_shape(shape)
 
-    def hidden(self, message: pb.Tensor) -> torch.Tensor:
-        """A request's hidden states, at least one token of one row."""
-        hidden = self.states(message, "hidden_states")
-        if hidden.shape[0] < 1 or hidden.shape[1] < 1:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden_states shape {list(hidden.shape)} is empty")
-        return hidden
+    def states(self, message: pb.Tensor, what: str,
+               check_shape: Callable[[tuple[int, ...]], None] | None = None) -> torch.Tensor:
+        """Float [batch, length, hidden_size]: hidden states, or a gradient with respect to them."""
+        return self.tensor(message, what, ndim=3, last_dim=self.config.hidden_size, allowed=FLOAT_DTYPES,
+                           check_shape=check_shape)
+
+    def hidden(self, message: pb.Tensor, per: str, fits: Callable[[int, int], None] | None = None
+               ) -> torch.Tensor:
+        """A request's hidden states: at least one token of one row, `fits(batch, length)` (the caller's own
+        bounds, e.g. a session's batch), at most `max_forward_tokens` per `per` (a Forward, a micro-batch, an
+        inference step) and no longer than the model's positions, all checked on the declared shape before
+        anything is inflated. The length bound is the one a session's `max_length` has: past it the positions
+        mean nothing to the model, and the attention of one long row grows with the square of its length."""
+
+        def check(shape: tuple[int, ...]) -> None:
+            batch, length = shape[:2]
+            if batch < 1 or length < 1:
+                raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"hidden_states shape {list(shape)} is empty")
+            if fits is not None:
+                fits(batch, length)
+            self.check_tokens(batch, length, per)
+            limit = self.config.max_position_embeddings
+            if length > limit:
+                raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"hidden_states length {length} exceeds the model's {limit} positions")
+
+        return self.states(message, "hidden_states", check)
 
     def mask(self, message, batch: int, length: int) -> torch.Tensor:
         """`message.attention_mask` as 0/1 longs of [batch, length]; all ones when the message has none."""
@@ -107,8 +145,11 @@ class RequestChecker:
 
     def _index(self, message: pb.Tensor, what: str, batch: int, length: int, allowed: tuple[str, ...]
                ) -> torch.Tensor:
-        tensor = self.tensor(message, what, ndim=2, allowed=allowed)
-        if tuple(tensor.shape) != (batch, length):
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{what} shape {list(tensor.shape)} does not match hidden_states ({batch}, {length})")
-        return tensor
+        """A [batch, length] tensor of the hidden states it goes with; the shape is checked before decoding."""
+
+        def check(shape: tuple[int, ...]) -> None:
+            if shape != (batch, length):
+                raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{what} shape {list(shape)} does not match hidden_states ({batch}, {length})")
+
+        return self.tensor(message, what, ndim=2, allowed=allowed, check_shape=check)

@@ -12,6 +12,7 @@ from transformers import LlamaConfig
 from tsotsa.checkpoint import head_dim
 from tsotsa.records import ServerRecord, ServerState
 from tsotsa.rpc import open_channel
+from tsotsa.tls import TlsSettings
 from tsotsa.spans import SpanSpec
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
@@ -43,7 +44,7 @@ PROBE_TIMEOUT = 3.0
 
 
 def confirmed_servers(servers: list[ServerRecord], model_id: str, token: str | None,
-                      timeout: float = PROBE_TIMEOUT) -> list[ServerRecord]:
+                      timeout: float = PROBE_TIMEOUT, tls: TlsSettings | None = None) -> list[ServerRecord]:
     """The records whose peer answers `Info` as the record says (same peer, model and span), asked in parallel.
 
     A record outlives its peer by up to its ttl: a machine that just crashed, or was unplugged, still looks
@@ -54,7 +55,7 @@ def confirmed_servers(servers: list[ServerRecord], model_id: str, token: str | N
     def answers(server: ServerRecord) -> bool:
         if not server.address:
             return server.state is ServerState.JOINING
-        channel = open_channel(server.address, token)
+        channel = open_channel(server.address, token, tls)
         try:
             info = pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=timeout)
         except grpc.RpcError:

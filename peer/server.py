@@ -19,6 +19,7 @@ from tsotsa.errors import CheckpointError, TsotsaError
 from tsotsa.records import MAX_RECORD_LIFETIME, ServerRecord, ServerState
 from tsotsa.remote import cached_checkpoint, default_cache_dir, fetch_adapter, served_model_id
 from tsotsa.rpc import start_server
+from tsotsa.tls import TlsSettings
 from tsotsa.state import StateDir, default_state_dir
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -26,6 +27,7 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.training.lora import lora_from_spec
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.selection import blocks_that_fit, choose_span, confirmed_servers
+from tsotsa.peer.roles import CoordinatorOnly
 from tsotsa.peer.service import PeerLimits, PeerService
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ class PeerOptions:
     adapters: list[str] = field(default_factory=list)  # runs whose adapters this peer serves from the start
     state_dir: Path | None = None  # DHT identity; default: one per model id (tsotsa.state.default_state_dir)
     wait_timeout: float | None = None  # seconds to wait for an unreachable coordinator (None: no limit)
+    nat_traversal: bool = False  # UPnP and libp2p relays for the DHT node (tsotsa.dht.start_dht)
+    tls: TlsSettings | None = None  # mutual TLS on the gRPC server and every channel it opens (tsotsa.tls)
 
 
 def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
@@ -106,7 +110,7 @@ def serve_peer(options: PeerOptions, say=print) -> None:
                           "other machines reach this one at")
     if not 0 < options.record_ttl <= MAX_RECORD_LIFETIME:
         raise TsotsaError(f"the record ttl must be in (0, {MAX_RECORD_LIFETIME:g}] seconds")
-    with CoordinatorClient(options.coordinator, token=options.token) as client:
+    with CoordinatorClient(options.coordinator, token=options.token, tls=options.tls) as client:
         info = client.wait_for_model_info(options.wait_timeout, say)
         state = StateDir(options.state_dir or default_state_dir("peer", served_model_id(client, info)), "peer")
         try:
@@ -122,7 +126,7 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
     if options.blocks is not None and options.blocks.end > num_blocks:
         raise TsotsaError(f"blocks {options.blocks} are outside the model's {num_blocks} blocks")
     dht = start_dht(list(info.dht_initial_peers), host=options.host, port=options.dht_port,
-                    identity_path=state.identity_path)
+                    identity_path=state.identity_path, token=options.token, nat_traversal=options.nat_traversal)
     try:
         peer_id = dht.peer_id
         spec = options.blocks
@@ -131,8 +135,8 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
                                                             options.limits.max_cache_bytes)
             servers = dht.find_servers(info.model_id, num_blocks)
             servers.pop(peer_id, None)  # this machine's own record from before a restart
-            spec = choose_span(confirmed_servers(list(servers.values()), info.model_id, options.token),
-                               num_blocks, length)
+            spec = choose_span(confirmed_servers(list(servers.values()), info.model_id, options.token,
+                                                 tls=options.tls), num_blocks, length)
         record = ServerRecord(peer_id=peer_id, address="", start=spec.start, end=spec.end,
                               state=ServerState.JOINING, throughput=0.0, device=options.device,
                               dtype=str(options.dtype).removeprefix("torch."), quant=options.quant)
@@ -152,13 +156,15 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
                 parameter_bytes_held=span.parameter_bytes, checkpoint_bytes_total=info.total_bytes,
             )
 
-        service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info)
+        coordinator_only = CoordinatorOnly(info.model_id, info.run_signing_key,
+                                           fetch_key=lambda: client.model_info().run_signing_key)
+        service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info, coordinator_only)
         for run in options.adapters:
             load_adapter(service.adapters, client, run, spec)
         workers = options.limits.max_sessions + 8
         server, port = start_server(lambda server: pb_grpc.add_PeerServicer_to_server(service, server),
                                     options.host, options.port, options.token, workers=workers,
-                                    max_concurrent_rpcs=workers)
+                                    max_concurrent_rpcs=workers, tls=options.tls)
         record.address = f"{options.announce_host or options.host}:{port}"
         record.dht_addresses = dht.visible_maddrs()
         record.state = ServerState.ONLINE

@@ -23,6 +23,7 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.requests import RequestChecker
+from tsotsa.peer.roles import CoordinatorOnly
 from tsotsa.peer.runtime import Runtime
 from tsotsa.peer.sessions import Session, SessionTable
 from tsotsa.peer.training_rpcs import TrainingService
@@ -41,8 +42,9 @@ class PeerLimits:
 
 class PeerService(pb_grpc.PeerServicer):
     def __init__(self, span: BlockSpan, model_id: str, num_model_blocks: int, limits: PeerLimits,
-                 info: Callable[[], pb.PeerInfo]) -> None:
-        self.span, self._info = span, info
+                 info: Callable[[], pb.PeerInfo], coordinator_only: CoordinatorOnly) -> None:
+        """`coordinator_only`: the check every training call passes first (`tsotsa.peer.roles`)."""
+        self.span, self._info, self.coordinator_only = span, info, coordinator_only
         self.open_timeout = limits.open_timeout
         self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout)
         self.accepting = True
@@ -59,9 +61,8 @@ class PeerService(pb_grpc.PeerServicer):
     @refusals("forward")
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         self._check_route(request.model_id, request.start_block, request.end_block, request.adapter)
-        hidden = self.checker.hidden(request.hidden_states)
+        hidden = self.checker.hidden(request.hidden_states, per="Forward")
         batch, length = hidden.shape[:2]
-        self.checker.check_tokens(batch, length, per="Forward")
         mask = self.checker.mask(request, batch, length)
         positions = self.checker.positions(request, batch, length, mask)
         output = self._compute(request.adapter, hidden, mask, positions, None, request.start_block, request.end_block)
@@ -107,32 +108,47 @@ class PeerService(pb_grpc.PeerServicer):
     # ------------------------------------------------- training RPCs, answered by TrainingService
 
     def OpenTraining(self, request: pb.OpenTrainingRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        self._admit(request.run, context)
         return self.training.OpenTraining(request, context)
 
     def TrainForward(self, request: pb.TrainForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        self._admit(request.run, context)
         return self.training.TrainForward(request, context)
 
     def TrainBackward(self, request: pb.TrainBackwardRequest, context: grpc.ServicerContext
                       ) -> pb.TrainBackwardResponse:
+        self._admit(request.run, context)
         return self.training.TrainBackward(request, context)
 
     def Step(self, request: pb.StepRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        self._admit(request.run, context)
         return self.training.Step(request, context)
 
     def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        self._admit(request.run, context)
         return self.training.Discard(request, context)
 
     def GetAdapter(self, request: pb.GetAdapterRequest, context: grpc.ServicerContext) -> pb.AdapterState:
+        self._admit(request.run, context)
         return self.training.GetAdapter(request, context)
 
     def SetAdapter(self, request: pb.SetAdapterRequest, context: grpc.ServicerContext) -> pb.TrainingState:
+        self._admit(request.run, context)
         return self.training.SetAdapter(request, context)
 
     def CloseTraining(self, request: pb.CloseTrainingRequest, context: grpc.ServicerContext
                       ) -> pb.CloseTrainingResponse:
+        self._admit(request.run, context)
         return self.training.CloseTraining(request, context)
 
     # --------------------------------------------------------------- helpers
+
+    def _admit(self, run: str, context: grpc.ServicerContext) -> None:
+        """Training calls come from the coordinator only: PERMISSION_DENIED, and nothing done, otherwise."""
+        try:
+            self.coordinator_only.check(context, run)
+        except PeerError as error:
+            context.abort(error.code, error.message)
 
     def _compute(self, adapter: str, hidden: torch.Tensor, *args) -> torch.Tensor:
         """Runs the span with `adapter` (empty: none) on the runtime thread; the output comes back on the CPU,
@@ -173,14 +189,17 @@ class PeerService(pb_grpc.PeerServicer):
     def _step(self, session: Session, step: pb.InferenceStep) -> pb.Tensor:
         """One step of a session that `touch` just found open; nothing changes unless the step is valid."""
         cache = session.cache  # held here: if the session expires while waiting for the lock, this step still ends
-        hidden = self.checker.hidden(step.hidden_states)
+
+        def fits(batch: int, length: int) -> None:
+            if batch != session.batch_size:
+                raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"hidden_states batch {batch} differs from the session's {session.batch_size}")
+            if session.length + length > session.max_length:
+                raise PeerError(grpc.StatusCode.OUT_OF_RANGE, f"{session.length} + {length} tokens exceed the "
+                                f"session's max_length {session.max_length}")
+
+        hidden = self.checker.hidden(step.hidden_states, per="inference step", fits=fits)
         batch, length = hidden.shape[:2]
-        if batch != session.batch_size:
-            raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"hidden_states batch {batch} differs from the session's {session.batch_size}")
-        if session.length + length > session.max_length:
-            raise PeerError(grpc.StatusCode.OUT_OF_RANGE,
-                            f"{session.length} + {length} tokens exceed the session's max_length {session.max_length}")
         new_mask = self.checker.mask(step, batch, length)
         mask = torch.cat([session.attention_mask, new_mask], dim=1)
         if step.HasField("position_ids"):

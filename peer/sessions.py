@@ -105,7 +105,8 @@ class SessionTable:
                                  f"session {session_id} was not opened on this stream")
             if session_id in self._expired:
                 return self._expired_error(session_id)
-            return PeerError(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id!r}")
+            # cut short: an id of megabytes echoed back would not fit in the status's trailer
+            return PeerError(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id[:MAX_SESSION_ID]!r}")
 
     def close(self, session: Session) -> None:
         """Ends a stream's session; if it expired and its id was reopened since, the newcomer stays open."""

@@ -20,6 +20,14 @@ from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.errors import PeerError
 
 MAX_PENDING = 64  # micro-batches forwarded and not yet backwarded, per run: activations are bounded
+MAX_MICRO_BATCH_ID = 128  # characters of a micro-batch's name, which is kept until its backward
+
+
+def check_micro_batch(name: str) -> None:
+    """A micro-batch's name is kept until its backward (64 of them per run): a short one, as a session id is."""
+    if not 1 <= len(name) <= MAX_MICRO_BATCH_ID:
+        raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a micro-batch's name must have 1..{MAX_MICRO_BATCH_ID} characters")
 
 
 @dataclass
@@ -36,6 +44,8 @@ class TrainingRun:
         self.span, self.adapters, self.name, self.settings = span, adapters, name, settings
         self.optimizer_settings, self.checkpointing = optimizer, checkpointing
         self.trainable = [p for key, p in adapters.tensors(name).items() if key.endswith(".lora_B.weight")]
+        # fixed for the run's life; read by the RPC threads to check a SetAdapter before it is decoded
+        self.shapes: dict[str, tuple[int, ...]] = adapters.shapes(name)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps,
                                            weight_decay=optimizer.weight_decay)
         self.pending: dict[str, Kept] = {}
@@ -67,10 +77,20 @@ class TrainingRun:
             self.pending[micro_batch] = Kept(inputs, mask, outputs, rng_state)
         return outputs.detach()
 
+    def forwarded_shape(self, micro_batch: str) -> tuple[int, ...]:
+        """The shape of the input `micro_batch` was forwarded with, which its gradient must have (NOT_FOUND
+        if none is pending): read by the RPC threads to bound a grad_output before it is decoded."""
+        kept = self.pending.get(micro_batch)
+        if kept is None:
+            raise PeerError(grpc.StatusCode.NOT_FOUND,
+                            f"micro-batch {micro_batch[:MAX_MICRO_BATCH_ID]!r} was not forwarded here")
+        return tuple(kept.inputs.shape)
+
     def backward(self, micro_batch: str, grad_output: torch.Tensor, want_grad_input: bool) -> torch.Tensor | None:
         kept = self.pending.get(micro_batch)
         if kept is None:
-            raise PeerError(grpc.StatusCode.NOT_FOUND, f"micro-batch {micro_batch!r} was not forwarded here")
+            raise PeerError(grpc.StatusCode.NOT_FOUND,
+                            f"micro-batch {micro_batch[:MAX_MICRO_BATCH_ID]!r} was not forwarded here")
         if tuple(grad_output.shape) != tuple(kept.inputs.shape):
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"grad_output shape {list(grad_output.shape)} "
                             f"differs from the forwarded {list(kept.inputs.shape)}")

@@ -22,13 +22,15 @@ import grpc
 import pytest
 import torch
 from conftest import start_swarm
+from rpc_checks import assert_refused
+from coordinator_role import coordinator_channel
 
 from tsotsa.checkpoint import Checkpoint, block_prefix
 from tsotsa.codec import decode, encode
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.training import MAX_PENDING, TrainingRun
-from tsotsa.rpc import open_channel
+
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.training.lora import LoraSettings, OptimizerSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -56,7 +58,7 @@ def swarm(tiny_model, tmp_path_factory) -> Iterator[LocalSwarm]:
 
 @pytest.fixture(scope="module")
 def stubs(swarm) -> Iterator[list[pb_grpc.PeerStub]]:
-    channels = [open_channel(peer.address, None) for peer in swarm.peers]
+    channels = [coordinator_channel(swarm, peer.address) for peer in swarm.peers]
     yield [pb_grpc.PeerStub(channel) for channel in channels]
     for channel in channels:
         channel.close()
@@ -111,14 +113,6 @@ def hidden(batch: int = 1, length: int = 3, dim: int = HIDDEN, seed: int = 0,
 def with_data(tensor: pb.Tensor, data: bytes) -> pb.Tensor:
     """A copy of `tensor` whose bytes no longer match its shape and dtype."""
     return pb.Tensor(dtype=tensor.dtype, shape=tensor.shape, data=data, codec=tensor.codec)
-
-
-def assert_refused(call: Callable[[], object], code: grpc.StatusCode, text: str) -> None:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    error = caught.value
-    assert error.code() == code, f"{error.code()}: {error.details()}"
-    assert text in error.details(), error.details()
 
 
 def train_forward(stub, run: str, micro_batch: str, hidden_states: pb.Tensor | None = None,

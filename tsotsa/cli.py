@@ -1,4 +1,4 @@
-"""`tsotsa`: make checkpoints, generate through the swarm, show the swarm map."""
+"""`tsotsa`: make checkpoints, generate through the swarm, show the swarm map, make the lab's TLS certificates."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import CoordinatorAddress, SwarmToken, parse_dtype, run_command
+from tsotsa.console import CoordinatorAddress, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls, parse_dtype, run_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tsotsa: Llama inference across a swarm.")
 
@@ -58,21 +58,31 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line instead of streaming text."),
     adapter: str = typer.Option(None, help="A fine-tuning run whose adapter the peers apply (the base model "
                                            "when not given)."),
+    verify_fraction: float = typer.Option(0.0, help="Chance per hop and step that a hop's work is recomputed on "
+                                                    "another peer and compared (docs/security.md)."),
+    verified_only: bool = typer.Option(False, help="Show only tokens every hop was checked for (each hop is "
+                                                   "checked at the end)."),
     token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Generate a continuation of PROMPT through the swarm, streaming tokens as they come."""
 
     def body() -> None:
+        from tsotsa.client.config import ClientConfig
         from tsotsa.client.model import SwarmModel, require_tokenizer
 
         peers = [p for p in (initial_peers or "").split(",") if p]
+        tls = load_tls(tls_cert, tls_key, tls_ca)
+        config = ClientConfig(verify_fraction=verify_fraction, verified_only=verified_only)
         if model is not None:
             if not peers:
                 raise ValueError("--model needs --initial-peers (the DHT to find peers in)")
-            swarm_model = SwarmModel.from_checkpoint(model, peers, token=token)
+            swarm_model = SwarmModel.from_checkpoint(model, peers, token=token, tls=tls, config=config)
         elif coordinator:
             swarm_model = SwarmModel.from_coordinator(coordinator, initial_peers=peers or None, cache_dir=cache_dir,
-                                                      token=token)
+                                                      token=token, tls=tls, config=config)
         else:
             raise ValueError("give --coordinator HOST:PORT (or --model with --initial-peers)")
         with swarm_model:
@@ -93,9 +103,13 @@ def generate(
 
             if not as_json:
                 sys.stdout.write(prompt)
-            _, stats = swarm_model.generate(prompt_ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                            temperature=temperature or 1.0, top_k=top_k, top_p=top_p, seed=seed,
-                                            on_tokens=stream, adapter=adapter, return_stats=True)
+            output, stats = swarm_model.generate(prompt_ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                                 temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
+                                                 seed=seed, on_tokens=stream, adapter=adapter, return_stats=True)
+            produced[:] = output[0, prompt_ids.shape[1]:].tolist()  # what a rewind corrected, if one did
+            if stats.rewound_tokens and not as_json:
+                print(f"\n[a peer answered wrongly and was banned; the corrected text:]\n{prompt}"
+                      f"{tokenizer.decode(produced, skip_special_tokens=True)}", end="")
             if as_json:
                 print(json.dumps({
                     "prompt_ids": prompt_ids[0].tolist(),
@@ -105,7 +119,8 @@ def generate(
                 }))
             else:
                 print(flush=True)
-                print(f"[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {stats.hops} hops]",
+                checked = f", {stats.checks} checks" if stats.checks else ""
+                print(f"[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, {stats.hops} hops{checked}]",
                       file=sys.stderr)
 
     run_command(body)
@@ -116,6 +131,9 @@ def status(
     coordinator: CoordinatorAddress = ...,
     as_json: bool = typer.Option(False, "--json", help="Print the swarm map as JSON."),
     token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
 ) -> None:
     """Print the swarm map: every block, the peers serving it, their state and throughput."""
 
@@ -123,11 +141,50 @@ def status(
         from tsotsa.coordinator_client import CoordinatorClient
         from tsotsa.swarm_map import print_swarm_map, swarm_map_json
 
-        with CoordinatorClient(coordinator, token=token) as client:
+        with CoordinatorClient(coordinator, token=token, tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
             swarm_map = client.swarm_status()
         if as_json:
             print(json.dumps(swarm_map_json(swarm_map)))
         else:
             print_swarm_map(swarm_map)
+
+    run_command(body)
+
+
+# ------------------------------------------------------------------ the lab's TLS certificates
+
+tls_app = typer.Typer(no_args_is_help=True, help="The lab's certificate authority and one certificate per machine.")
+app.add_typer(tls_app, name="tls")
+
+
+@tls_app.command("init")
+def tls_init(directory: Path = typer.Argument(..., help="Where to write ca.key and ca.crt.")) -> None:
+    """Make the lab CA: ca.key (keep it on one machine, mode 0600) and ca.crt (give it to every machine)."""
+
+    def body() -> None:
+        from tsotsa.tls import init_ca
+
+        key, cert = init_ca(directory)
+        print(f"wrote the lab CA: {key} (keep it here) and {cert} (give it to every machine as --tls-ca)")
+
+    run_command(body)
+
+
+@tls_app.command("issue")
+def tls_issue(
+    directory: Path = typer.Argument(..., help="The lab CA's directory (tsotsa tls init); NAME.key and NAME.crt "
+                                               "are written there."),
+    name: str = typer.Argument(..., help="The machine's name, used for the file names."),
+    host: list[str] = typer.Option(..., "--host", help="A DNS name or IP address others reach the machine at; "
+                                                        "repeat for each."),
+) -> None:
+    """Issue one machine's key and certificate, signed by the lab CA, valid as a server and as a client."""
+
+    def body() -> None:
+        from tsotsa.tls import issue
+
+        key, cert = issue(directory, name, host)
+        print(f"wrote {key} and {cert} for {', '.join(host)}; copy them with ca.crt to that machine: "
+              f"--tls-cert {cert.name} --tls-key {key.name} --tls-ca ca.crt")
 
     run_command(body)

@@ -2,13 +2,16 @@
 
 Decoding never trusts the sender: a tensor whose byte count does not match its shape and dtype, whose
 dtype is not allowed, or whose shape the caller did not expect is rejected with `WireError`, which the
-services turn into INVALID_ARGUMENT.
+services turn into INVALID_ARGUMENT. Every check on the declared dtype and shape comes before a byte of
+data is copied or inflated, and compressed data is inflated only up to the byte count the declared shape
+allows: half a MiB of zlib can claim 512 MiB of zeros.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -26,6 +29,8 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # Hidden states may be compressed; past this many decompressed bytes a message is refused.
 MAX_TENSOR_BYTES = 512 * 1024 * 1024
+# More dimensions than any tensor of the protocol has; checked before the shape is read into Python ints.
+MAX_DIMS = 8
 
 
 class WireError(ValueError):
@@ -36,7 +41,13 @@ def dtype_from_name(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise WireError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+        raise WireError(f"unsupported dtype {name[:32]!r}; expected one of {sorted(DTYPES)}") from None
+
+
+def _shape_text(shape) -> str:
+    """A shape for an error message, cut short: the details of a status must fit in its trailer (a few KiB)."""
+    dims = list(shape[:MAX_DIMS])
+    return str(dims) if len(shape) <= MAX_DIMS else f"{str(dims)[:-1]}, ... ({len(shape)} dimensions)]"
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -62,25 +73,28 @@ def encode(tensor: torch.Tensor, dtype: torch.dtype | None = None, compress: boo
     return pb.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=raw, codec=codec)
 
 
-def decode(
+def check_header(
     message: pb.Tensor,
     *,
     what: str = "tensor",
     ndim: int | None = None,
     last_dim: int | None = None,
     allowed: tuple[str, ...] | None = None,
-) -> torch.Tensor:
-    """Deserializes and validates; `what` names the field in error messages."""
+) -> tuple[torch.dtype, tuple[int, ...], int]:
+    """The dtype, shape and byte count a tensor message declares, checked, without reading its data: a
+    receiver can check every tensor of a request before it decodes the first."""
     if not message.dtype:
         raise WireError(f"{what}: missing")
     if allowed is not None and message.dtype not in allowed:
-        raise WireError(f"{what}: dtype {message.dtype} not allowed here; expected one of {list(allowed)}")
+        raise WireError(f"{what}: dtype {message.dtype[:32]} not allowed here; expected one of {list(allowed)}")
     dtype = dtype_from_name(message.dtype)
+    if ndim is not None and len(message.shape) != ndim:
+        raise WireError(f"{what}: expected {ndim} dimensions, got shape {_shape_text(message.shape)}")
+    if len(message.shape) > MAX_DIMS:
+        raise WireError(f"{what}: shape {_shape_text(message.shape)} has more than {MAX_DIMS} dimensions")
     shape = tuple(message.shape)
     if any(dim < 0 for dim in shape):
         raise WireError(f"{what}: negative dimension in shape {list(shape)}")
-    if ndim is not None and len(shape) != ndim:
-        raise WireError(f"{what}: expected {ndim} dimensions, got shape {list(shape)}")
     if last_dim is not None and (not shape or shape[-1] != last_dim):
         raise WireError(f"{what}: last dimension must be {last_dim}, got shape {list(shape)}")
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -88,15 +102,48 @@ def decode(
     expected = math.prod(shape) * element_size
     if expected > MAX_TENSOR_BYTES:
         raise WireError(f"{what}: {expected} bytes exceeds the {MAX_TENSOR_BYTES}-byte limit")
+    if message.codec not in (pb.Tensor.RAW, pb.Tensor.ZLIB):
+        raise WireError(f"{what}: unknown codec {message.codec}")
+    return dtype, shape, expected
+
+
+def decode(
+    message: pb.Tensor,
+    *,
+    what: str = "tensor",
+    ndim: int | None = None,
+    last_dim: int | None = None,
+    allowed: tuple[str, ...] | None = None,
+    check_shape: Callable[[tuple[int, ...]], None] | None = None,
+) -> torch.Tensor:
+    """Deserializes and validates; `what` names the field in error messages.
+
+    `check_shape` gets the declared shape once `check_header` passed and before any data is inflated or
+    copied, so a receiver bounds a tensor by what the request may hold (its token limit, a session's batch,
+    an adapter's parameter), not only by `MAX_TENSOR_BYTES`; it refuses by raising."""
+    dtype, shape, expected = check_header(message, what=what, ndim=ndim, last_dim=last_dim, allowed=allowed)
+    if check_shape is not None:
+        check_shape(shape)
     data = message.data
     if message.codec == pb.Tensor.ZLIB:
-        try:
-            inflater = zlib.decompressobj()
-            data = inflater.decompress(data, expected + 1)
-        except zlib.error as exc:
-            raise WireError(f"{what}: corrupt zlib data ({exc})") from None
-    elif message.codec != pb.Tensor.RAW:
-        raise WireError(f"{what}: unknown codec {message.codec}")
+        data = _inflate(data, expected, what)
     if len(data) != expected:
         raise WireError(f"{what}: {len(data)} bytes for shape {list(shape)} of {message.dtype} (need {expected})")
     return tensor_from_bytes(data, dtype, shape)
+
+
+def _inflate(data: bytes, expected: int, what: str) -> bytes:
+    """At most `expected + 1` bytes of the zlib stream `data` (max_length 0 would mean no limit: the + 1
+    keeps it positive and shows a stream that holds more than its shape); the stream must end there."""
+    inflater = zlib.decompressobj()
+    try:
+        inflated = inflater.decompress(data, expected + 1)
+    except zlib.error as exc:
+        raise WireError(f"{what}: corrupt zlib data ({exc})") from None
+    if len(inflated) > expected:
+        raise WireError(f"{what}: zlib data inflates past the {expected} bytes of its shape")
+    if not inflater.eof:
+        raise WireError(f"{what}: zlib data ends before its stream does (truncated)")
+    if inflater.unused_data:
+        raise WireError(f"{what}: {len(inflater.unused_data)} bytes after the end of the zlib stream")
+    return inflated

@@ -1,4 +1,5 @@
-"""What the command-line tools share: one readable line per error, quiet libraries, dtype names."""
+"""What the command-line tools share: one readable line per error, quiet libraries, dtype names, the options
+every tool takes (swarm token, TLS files)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
@@ -14,6 +16,8 @@ from tsotsa.errors import TsotsaError
 
 if TYPE_CHECKING:
     import torch
+
+    from tsotsa.tls import TlsSettings
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -27,6 +31,30 @@ AdminToken = Annotated[Optional[str], typer.Option(
     help="The coordinator's admin token (or TSOTSA_ADMIN_TOKEN), which launching and stopping fine-tuning runs "
          "needs.")]
 CoordinatorAddress = Annotated[str, typer.Option("--coordinator", help="Coordinator address HOST:PORT.")]
+# TLS: all three or none (`tsotsa.tls.TlsSettings.load` says which is missing); `tls_cert: TlsCert = None`, ...,
+# then `load_tls(tls_cert, tls_key, tls_ca)` inside the command's body.
+TlsCert = Annotated[Optional[Path], typer.Option(
+    "--tls-cert", envvar="TSOTSA_TLS_CERT", show_default=False,
+    help="This machine's TLS certificate, signed by the lab CA (or TSOTSA_TLS_CERT; see tsotsa tls issue). With "
+         "--tls-key and --tls-ca every connection is mutual TLS.")]
+TlsKey = Annotated[Optional[Path], typer.Option(
+    "--tls-key", envvar="TSOTSA_TLS_KEY", show_default=False,
+    help="The private key of --tls-cert (or TSOTSA_TLS_KEY).")]
+TlsCa = Annotated[Optional[Path], typer.Option(
+    "--tls-ca", envvar="TSOTSA_TLS_CA", show_default=False,
+    help="The lab CA's certificate (or TSOTSA_TLS_CA; see tsotsa tls init): servers and clients admit only "
+         "certificates it signed.")]
+NatTraversal = Annotated[bool, typer.Option(
+    "--nat-traversal", envvar="TSOTSA_NAT_TRAVERSAL", show_default=False,
+    help="Let the DHT node map its port by UPnP and use libp2p relays (off: on a lab network they only widen "
+         "who can reach it).")]
+
+
+def load_tls(cert: Path | None, key: Path | None, ca: Path | None) -> "TlsSettings | None":
+    """The TLS settings of the three options (None: TLS off); a missing or inconsistent file raises one line."""
+    from tsotsa.tls import TlsSettings
+
+    return TlsSettings.load(cert, key, ca)
 
 
 def quiet_libraries() -> None:
@@ -37,6 +65,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # else gRPC logs each failed TLS handshake at INFO on stderr
     logging.getLogger("hivemind").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if "transformers" in sys.modules:

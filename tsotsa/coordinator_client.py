@@ -17,12 +17,14 @@ import grpc
 
 from tsotsa.auth import ADMIN_METADATA
 from tsotsa.errors import SwarmError, TsotsaError
-from tsotsa.rpc import describe_refusal, open_channel
+from tsotsa.rpc import describe_refusal, open_channel, tls_failure
+from tsotsa.tls import TlsSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 RPC_TIMEOUT = 30.0
 FETCH_TIMEOUT = 600.0
+FETCH_BUSY_WAIT = 120.0  # seconds a fetch waits for a free stream on a busy coordinator
 ADAPTER_TIMEOUT = 120.0
 # Waiting for a coordinator that is not up yet: the pause between tries doubles up to this, and a line
 # saying what is awaited is printed at most this often.
@@ -42,13 +44,13 @@ class FetchedTensor:
 
 class CoordinatorClient:
     """Every call of the coordinator's service; each failure is a `SwarmError` with one readable line.
-    `admin_token` is sent only with the calls that launch or stop runs."""
+    `admin_token` is sent only with the calls that launch or stop runs; `tls`: mutual TLS (`tsotsa.tls`)."""
 
     def __init__(self, address: str, token: str | None = None, admin_token: str | None = None,
-                 timeout: float = RPC_TIMEOUT) -> None:
-        self.address, self.timeout = address, timeout
+                 timeout: float = RPC_TIMEOUT, tls: TlsSettings | None = None) -> None:
+        self.address, self.timeout, self._tls = address, timeout, tls is not None
         self._admin = ((ADMIN_METADATA, admin_token),) if admin_token else None
-        self._channel = open_channel(address, token)
+        self._channel = open_channel(address, token, tls)
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
@@ -65,7 +67,7 @@ class CoordinatorClient:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout,
                                                metadata=self._admin if admin else None)
         except grpc.RpcError as error:
-            raise describe_refusal(self.address, "coordinator", error) from None
+            raise describe_refusal(self.address, "coordinator", error, self._tls) from None
 
     # ------------------------------------------------------------ the model
 
@@ -75,14 +77,15 @@ class CoordinatorClient:
     def wait_for_model_info(self, wait_timeout: float | None, say: Callable[[str], None]) -> pb.ModelInfo:
         """`model_info`, waiting while the coordinator cannot be reached (machines boot in any order): tries
         again with backoff, saying so on one line each time, until `wait_timeout` seconds (None: no limit)
-        have passed; then raises the last error. Refusals (a wrong token, ...) are raised at once."""
+        have passed; then raises the last error. Refusals (a wrong token, a TLS handshake that failed, ...) are
+        raised at once: waiting would not change them."""
         began, pause = time.monotonic(), 1.0
         while True:
             try:
                 return self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=min(self.timeout, 10.0))
             except grpc.RpcError as error:
-                failure = describe_refusal(self.address, "coordinator", error)
-                if error.code() not in _NOT_UP_YET:
+                failure = describe_refusal(self.address, "coordinator", error, self._tls)
+                if error.code() not in _NOT_UP_YET or tls_failure(self.address, "coordinator", error, self._tls):
                     raise failure from None
                 reason = _NOT_UP_YET[error.code()]
             waited = time.monotonic() - began
@@ -96,36 +99,53 @@ class CoordinatorClient:
     def swarm_status(self) -> pb.SwarmMap:
         return self._call("SwarmStatus", pb.SwarmStatusRequest())
 
+    def report_peer(self, model_id: str, peer_id: str, start: int, end: int, reason: str) -> None:
+        """Tells the coordinator a spot check caught `peer_id` answering wrongly on blocks [start, end)."""
+        self._call("ReportPeer", pb.PeerReport(model_id=model_id, peer_id=peer_id, start_block=start,
+                                               end_block=end, reason=reason))
+
     def fetch(self, model_id: str, prefixes: list[str], files: list[str]
               ) -> tuple[dict[str, FetchedTensor], dict[str, bytes]]:
         """Downloads tensors and files, checking every item's sha256 and that it is one that was asked for
-        (a tensor under one of `prefixes`, a file of `files`)."""
+        (a tensor under one of `prefixes`, a file of `files`). A coordinator serving its maximum of streams
+        (a lab booting at once) answers RESOURCE_EXHAUSTED: the fetch waits and starts again, for up to
+        FETCH_BUSY_WAIT seconds."""
+        deadline = time.monotonic() + FETCH_BUSY_WAIT
+        pause = 0.5
+        while True:
+            try:
+                return self._fetch_once(model_id, prefixes, files)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() + pause > deadline:
+                    raise describe_refusal(self.address, "coordinator", error, self._tls) from None
+            time.sleep(pause)
+            pause = min(2 * pause, 8.0)
+
+    def _fetch_once(self, model_id: str, prefixes: list[str], files: list[str]
+                    ) -> tuple[dict[str, FetchedTensor], dict[str, bytes]]:
         tensors: dict[str, FetchedTensor] = {}
         blobs: dict[str, bytes] = {}
         request = pb.FetchRequest(model_id=model_id, tensor_prefixes=prefixes, file_names=files)
         current: pb.FetchChunk | None = None
         buffer = bytearray()
-        try:
-            for chunk in self._stub.Fetch(request, timeout=max(self.timeout, FETCH_TIMEOUT)):
-                if chunk.offset == 0:
-                    current, buffer = chunk, bytearray()
-                    if not (chunk.name in files if chunk.is_file else chunk.name.startswith(tuple(prefixes))):
-                        raise SwarmError(f"coordinator at {self.address} sent {chunk.name[:80]!r}, which was not "
-                                         "asked for")
-                if current is None or chunk.name != current.name or chunk.offset != len(buffer):
-                    raise SwarmError(f"coordinator at {self.address} sent an out-of-order chunk of {chunk.name}")
-                buffer += chunk.data
-                if not chunk.sha256:
-                    continue
-                if len(buffer) != current.total_bytes or hashlib.sha256(buffer).hexdigest() != chunk.sha256:
-                    raise SwarmError(f"checksum mismatch for {chunk.name} from coordinator at {self.address}")
-                if current.is_file:
-                    blobs[current.name] = bytes(buffer)
-                else:
-                    tensors[current.name] = FetchedTensor(bytes(buffer), current.dtype, tuple(current.shape))
-                current = None
-        except grpc.RpcError as error:
-            raise describe_refusal(self.address, "coordinator", error) from None
+        for chunk in self._stub.Fetch(request, timeout=max(self.timeout, FETCH_TIMEOUT)):
+            if chunk.offset == 0:
+                current, buffer = chunk, bytearray()
+                if not (chunk.name in files if chunk.is_file else chunk.name.startswith(tuple(prefixes))):
+                    raise SwarmError(f"coordinator at {self.address} sent {chunk.name[:80]!r}, which was not "
+                                     "asked for")
+            if current is None or chunk.name != current.name or chunk.offset != len(buffer):
+                raise SwarmError(f"coordinator at {self.address} sent an out-of-order chunk of {chunk.name}")
+            buffer += chunk.data
+            if not chunk.sha256:
+                continue
+            if len(buffer) != current.total_bytes or hashlib.sha256(buffer).hexdigest() != chunk.sha256:
+                raise SwarmError(f"checksum mismatch for {chunk.name} from coordinator at {self.address}")
+            if current.is_file:
+                blobs[current.name] = bytes(buffer)
+            else:
+                tensors[current.name] = FetchedTensor(bytes(buffer), current.dtype, tuple(current.shape))
+            current = None
         return tensors, blobs
 
     # ------------------------------------------------------------------ runs
@@ -163,7 +183,7 @@ class CoordinatorClient:
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED and call is not None and call.cancelled():
                 return
-            raise describe_refusal(self.address, "coordinator", error) from None
+            raise describe_refusal(self.address, "coordinator", error, self._tls) from None
         finally:
             if call is not None:
                 call.cancel()

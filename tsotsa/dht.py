@@ -1,9 +1,11 @@
 """The hivemind DHT as every role uses it: start a node, announce a span, find the live peers.
 
-Per served block i a peer stores `key = f"{model_id}.block.{i}"`, `subkey = its peer id`, and a small dict
-value (`tsotsa.records.ServerRecord`) that expires unless the peer's heartbeat refreshes it, so a dead peer
-disappears from routes and the swarm map without anyone cleaning up. Readers check every record they
-find (`ServerRecord.from_dht`) and drop the ones that fail.
+Per served block i a peer stores `key = f"{model_id}.block.{i}"`, `subkey = [owner:<its public key>]`, and
+a small dict value (`tsotsa.records.ServerRecord`) that expires unless the peer's heartbeat refreshes it, so
+a dead peer disappears from routes and the swarm map without anyone cleaning up. Every node runs the
+swarm's record validators (`tsotsa.admission`: owner signature, swarm-token tag, span schema), so it
+neither stores nor returns a record that fails them; readers also check each record against the block it
+was found under (`valid_records`) and drop the ones that fail.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any, Callable
 import hivemind
 from hivemind.utils import get_dht_time
 
+from tsotsa.admission import load_identity, owner_subkey, record_validators
 from tsotsa.errors import SwarmError
 from tsotsa.records import MAX_RECORD_LIFETIME, REJECTED, RecordError, ServerRecord, check_multiaddr
 
@@ -37,10 +40,11 @@ class SwarmDHT:
     waits for replies run in parallel).
     """
 
-    def __init__(self, dht: hivemind.DHT, timeout: float = DHT_TIMEOUT) -> None:
+    def __init__(self, dht: hivemind.DHT, owner: str | None, timeout: float = DHT_TIMEOUT) -> None:
         self._dht, self.timeout = dht, timeout
         self._lock = threading.Lock()
         self.peer_id: str = dht.peer_id.to_base58()
+        self.owner = owner  # the subkey this node's records are stored (and signed) under; None: it stores none
 
     def _run(self, coroutine: Callable, timeout: float | None = None) -> Any:
         with self._lock:
@@ -55,8 +59,10 @@ class SwarmDHT:
         """Stores the record under every block of its span, valid for `ttl` seconds from now."""
         if not 0 < ttl <= MAX_RECORD_LIFETIME:
             raise ValueError(f"record ttl must be in (0, {MAX_RECORD_LIFETIME:g}] seconds")
+        if self.owner is None:
+            raise ValueError("a DHT node started without an identity cannot announce records")
         keys = [block_key(model_id, i) for i in range(record.start, record.end)]
-        self._run(functools.partial(_store, keys=keys, subkey=self.peer_id, value=record.as_value(),
+        self._run(functools.partial(_store, keys=keys, subkey=self.owner, value=record.as_value(),
                                     expiration=get_dht_time() + ttl))
 
     def find_servers(self, model_id: str, num_blocks: int) -> dict[str, ServerRecord]:
@@ -104,26 +110,38 @@ def valid_records(found: dict, keys: list[str], num_blocks: int, now: float
 
 
 def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False,
-              identity_path: str | None = None, timeout: float = DHT_TIMEOUT,
-              start_timeout: float = DHT_START_TIMEOUT, attempts: int = DHT_START_ATTEMPTS) -> SwarmDHT:
+              identity_path: str | None = None, token: str | None = None, nat_traversal: bool = False,
+              timeout: float = DHT_TIMEOUT, start_timeout: float = DHT_START_TIMEOUT,
+              attempts: int = DHT_START_ATTEMPTS) -> SwarmDHT:
     """Starts a hivemind DHT node (a forked child with its p2p daemon) bootstrapped from `initial_peers`.
+
+    The node validates every record with the swarm's validators (`tsotsa.admission`; with `token`, records
+    must carry the token's tag). `identity_path` keeps the node's key, hence its peer id and the subkey of
+    its records, across restarts; a node without one (a client) cannot announce. UPnP port mapping and
+    libp2p relays stay off unless `nat_traversal`: on a lab network they only widen who can reach the node.
 
     hivemind forks the calling process; when that process already runs threads (gRPC's, torch's), the
     child can deadlock at random before it is ready (seen here: stuck spawning p2pd). A child not ready in
-    time is killed and forked again. `identity_path` keeps the node's peer id across restarts.
+    time is killed and forked again.
     """
+    identity = load_identity(identity_path) if identity_path else None
+    validators = record_validators(token, identity)
     for _ in range(attempts):
         dht = hivemind.DHT(
             initial_peers=initial_peers or None,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             client_mode=client_mode,
             identity_path=identity_path,
+            record_validators=validators,
+            nat_port_map=nat_traversal,
+            use_relay=nat_traversal,
+            use_auto_relay=nat_traversal,
             start=False,
         )
         dht.run_in_background(await_ready=False)
         try:
             dht.wait_until_ready(timeout=start_timeout)
-            return SwarmDHT(dht, timeout)
+            return SwarmDHT(dht, owner_subkey(identity) if identity else None, timeout)
         except TimeoutError:
             _kill(dht)
         except BaseException:
@@ -132,7 +150,8 @@ def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, 
     raise SwarmError(f"the DHT node did not start in {attempts} attempts of {start_timeout:g} s")
 
 
-def start_bootstrap_dht(remembered: list[str], host: str, port: int, identity_path: str) -> SwarmDHT:
+def start_bootstrap_dht(remembered: list[str], host: str, port: int, identity_path: str, token: str | None,
+                        nat_traversal: bool = False) -> SwarmDHT:
     """The coordinator's node: the swarm's bootstrap node, which remembered peers are only a hint for.
 
     hivemind's daemon refuses to start when none of its initial peers answers (after a power cut, or when
@@ -143,10 +162,12 @@ def start_bootstrap_dht(remembered: list[str], host: str, port: int, identity_pa
     alive = reachable(remembered)
     if alive:
         try:
-            return start_dht(alive, host=host, port=port, identity_path=identity_path)
+            return start_dht(alive, host=host, port=port, identity_path=identity_path, token=token,
+                             nat_traversal=nat_traversal)
         except Exception:  # they went away in the meantime: hivemind's daemon error, or a timeout
             pass
-    return start_dht([], host=host, port=port, identity_path=identity_path)
+    return start_dht([], host=host, port=port, identity_path=identity_path, token=token,
+                     nat_traversal=nat_traversal)
 
 
 def reachable(maddrs: list[str], timeout: float = 1.0) -> list[str]:

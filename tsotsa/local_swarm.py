@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tsotsa.errors import SwarmError
+from tsotsa.tls import TlsSettings
 
 # `python -m` rather than the console scripts: works wherever the package imports, installed or not.
 COORDINATOR_COMMAND = [sys.executable, "-m", "tsotsa.coordinator"]
@@ -116,6 +117,7 @@ class LocalSwarm:
     threads: int = 1
     token: str | None = None  # given to every process as TSOTSA_TOKEN (not on the command line: ps shows that)
     admin_token: str | None = None  # given to the coordinator as TSOTSA_ADMIN_TOKEN
+    tls: TlsSettings | None = None  # every process's TLS files, as TSOTSA_TLS_*: the whole swarm speaks mutual TLS
     state_dir: Path | None = None  # the coordinator's (runs, SQLite, DHT identity); default: a fresh temp dir
     coordinator_address: str = ""
     model_id: str = ""
@@ -149,16 +151,20 @@ class LocalSwarm:
         self.coordinator.kill()
         self.coordinator = None
 
-    def add_peers(self, spans: list[str | None], *args: str, local_model: bool = True) -> list[LocalPeer]:
+    def add_peers(self, spans: list[str | None], *args: str, local_model: bool = True,
+                  command: list[str] = PEER_COMMAND) -> list[LocalPeer]:
         """Starts one peer per span (None: the peer picks), all at once, and waits until all serve."""
-        return self.wait_for_peers([self.start_peer(blocks, *args, local_model=local_model) for blocks in spans])
+        return self.wait_for_peers([self.start_peer(blocks, *args, local_model=local_model, command=command)
+                                    for blocks in spans])
 
-    def start_peer(self, blocks: str | None, *args: str, local_model: bool = True) -> ManagedProcess:
+    def start_peer(self, blocks: str | None, *args: str, local_model: bool = True,
+                   command: list[str] = PEER_COMMAND) -> ManagedProcess:
         """Starts a peer without waiting for it (see `wait_for_peers`); `stop()` stops it in any case.
 
         local_model=False: the peer has no checkpoint and fetches its blocks from the coordinator.
+        `command`: what runs `tsotsa-peer` (a test's misbehaving peer wraps the real one).
         """
-        argv = [*PEER_COMMAND, "join", "--coordinator", self.coordinator_address,
+        argv = [*command, "join", "--coordinator", self.coordinator_address,
                 "--threads", str(self.threads), "--port", "0"]
         if blocks:
             argv += ["--blocks", blocks]
@@ -173,7 +179,7 @@ class LocalSwarm:
         return process
 
     def _env(self) -> dict[str, str]:
-        return {"TSOTSA_TOKEN": self.token} if self.token else {}
+        return {**({"TSOTSA_TOKEN": self.token} if self.token else {}), **(self.tls.env() if self.tls else {})}
 
     def wait_for_peers(self, processes: list[ManagedProcess]) -> list[LocalPeer]:
         started = []

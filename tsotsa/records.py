@@ -4,14 +4,18 @@ The DHT takes values from anyone, so a reader trusts nothing it finds there: eve
 the record is read (`ServerRecord.from_dht`), and a record that fails is dropped and counted, never raised
 into a lookup, a route, block selection, pipeline forming, `tsotsa status` or a coordinator restart. The
 peer's identity is the DHT subkey that holds the record (its libp2p peer id, from a key it keeps across
-restarts), not a field of the value, so a value cannot claim to be another peer.
+restarts), not a field of the value, so a value cannot claim to be another peer: the subkey is
+`[owner:<RSA public key>]`, hivemind's owner-signed form (`tsotsa.admission`), and the peer id is derived
+from that key.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ MAX_RECORD_LIFETIME = 60.0
 CLOCK_SKEW_ALLOWANCE = 30.0
 MAX_TEXT = 256        # device, dtype, quant, address, one multiaddr
 MAX_LIST = 64         # adapters, dht_addresses
+OWNER_PATTERN = re.compile(r"\[owner:(ssh-rsa [A-Za-z0-9+/=]{1,1024})\]")
 
 
 class ServerState(str, Enum):
@@ -78,13 +83,17 @@ class ServerRecord:
         return self.state == ServerState.ONLINE and bool(self.address)
 
     @classmethod
-    def from_dht(cls, subkey: Any, value: Any, expiration: float, *, block: int, num_blocks: int, now: float
-                 ) -> "ServerRecord":
+    def from_dht(cls, subkey: Any, value: Any, expiration: float, *, now: float, block: int | None = None,
+                 num_blocks: int | None = None) -> "ServerRecord":
         """The record stored under block `block`'s key at `subkey`, checked field by field; RecordError if not.
 
-        Fields a newer version added are ignored, so an older reader still uses the record.
+        Without `block` and `num_blocks` (a DHT node's validator sees only the key's hash) the span is
+        checked only for being a span. Fields a newer version added are ignored, so an older reader still
+        uses the record.
         """
-        peer_id = _peer_id(subkey)
+        if not isinstance(subkey, str):
+            raise RecordError("subkey is not an [owner:...] public key")
+        peer_id = peer_id_of_owner(subkey)
         if not isinstance(value, dict):
             raise RecordError(f"value is a {type(value).__name__}, not a dict")
         if not (isinstance(expiration, (int, float)) and math.isfinite(expiration)):
@@ -93,9 +102,11 @@ class ServerRecord:
             raise RecordError(f"expires {expiration - now:.0f} s ahead, past the swarm's maximum record lifetime "
                               f"({MAX_RECORD_LIFETIME:g} s + {CLOCK_SKEW_ALLOWANCE:g} s of clock skew)")
         start, end = _integer(value, "start"), _integer(value, "end")
-        if not 0 <= start < end <= num_blocks:
+        if not 0 <= start < end:
+            raise RecordError(f"span {start}:{end} is not a span of blocks")
+        if num_blocks is not None and end > num_blocks:
             raise RecordError(f"span {start}:{end} is not inside the model's {num_blocks} blocks")
-        if not start <= block < end:
+        if block is not None and not start <= block < end:
             raise RecordError(f"span {start}:{end} stored under block {block}")
         try:
             state = ServerState(_text(value, "state"))
@@ -113,6 +124,8 @@ class ServerRecord:
             problem = multiaddr_problem(maddr)
             if problem:
                 raise RecordError(problem)
+            if not maddr.endswith(f"/p2p/{peer_id}"):
+                raise RecordError(f"dht address {maddr[:80]!r} is not the writer's ({peer_id})")
         return cls(peer_id=peer_id, address=address, start=start, end=end, state=state,
                    throughput=float(throughput), device=_text(value, "device", "cpu"),
                    dtype=_text(value, "dtype", "float32"), quant=_text(value, "quant", "none"),
@@ -167,16 +180,29 @@ class RejectedRecords:
 REJECTED = RejectedRecords()
 
 
-def _peer_id(subkey: Any) -> str:
-    from hivemind.p2p import PeerID
+@functools.lru_cache(maxsize=4096)
+def peer_id_of_owner(subkey: str) -> str:
+    """The libp2p peer id (base58) of the RSA key an `[owner:ssh-rsa ...]` subkey names: the same id the
+    key's holder has as a DHT node (libp2p: the sha2-256 multihash of the key's protobuf encoding).
+    RecordError if the subkey is not exactly that. Cached: the same subkeys come back at every lookup."""
+    import base58
+    import multihash
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from hivemind.proto import crypto_pb2
 
-    if not isinstance(subkey, str) or not 0 < len(subkey) <= 128:
-        raise RecordError("subkey is not a peer id")
+    match = OWNER_PATTERN.fullmatch(subkey)
+    if match is None:
+        raise RecordError("subkey is not an [owner:ssh-rsa ...] public key")
     try:
-        PeerID.from_base58(subkey)
-    except Exception:
-        raise RecordError(f"subkey {subkey[:60]!r} is not a peer id") from None
-    return subkey
+        public_key = serialization.load_ssh_public_key(match.group(1).encode())
+    except (ValueError, TypeError, IndexError):
+        raise RecordError("subkey holds no valid public key") from None
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise RecordError("subkey holds no RSA public key")
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    return base58.b58encode(multihash.encode(hashlib.sha256(encoded).digest(), "sha2-256")).decode()
 
 
 def _integer(value: dict, name: str) -> int:

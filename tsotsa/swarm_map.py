@@ -20,8 +20,10 @@ def swarm_map_json(swarm_map: pb.SwarmMap) -> dict:
                                   if p.start_block <= index < p.end_block and p.state == ServerState.ONLINE)}
         for index in range(swarm_map.num_blocks)
     ]
+    reported = [MessageToDict(p, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                for p in swarm_map.reported]
     return {"model_id": swarm_map.model_id, "num_blocks": swarm_map.num_blocks, "peers": peers, "blocks": blocks,
-            "rejected_records": swarm_map.rejected_records}
+            "rejected_records": swarm_map.rejected_records, "reported": reported}
 
 
 def print_swarm_map(swarm_map: pb.SwarmMap, console: Console | None = None) -> None:
@@ -46,5 +48,8 @@ def print_swarm_map(swarm_map: pb.SwarmMap, console: Console | None = None) -> N
         console.print(f"[red]blocks with no online peer: {', '.join(map(str, uncovered))}[/red]")
     else:
         console.print("[green]every block is served[/green]")
+    for reported in swarm_map.reported:
+        console.print(f"[red]peer {reported.peer_id} reported {reported.reports}x for wrong answers, last "
+                      f"{reported.seconds_ago:.0f} s ago: {reported.last_reason}[/red]", soft_wrap=True)
     if swarm_map.rejected_records:
         console.print(f"[yellow]{swarm_map.rejected_records} invalid records in the DHT were ignored[/yellow]")

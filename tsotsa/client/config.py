@@ -36,3 +36,15 @@ class ClientConfig:
     dht_start_attempts: int = DHT_START_ATTEMPTS
     coordinator_timeout: float = RPC_TIMEOUT
     """Seconds one call to the coordinator may take (fetches of tensors get longer)."""
+    verify_fraction: float = 0.0
+    """Chance, per hop and step, that the hop's work so far is recomputed on another peer serving the same
+    blocks and compared (`tsotsa.client.verify`); 0: never. docs/security.md says what a fraction buys."""
+    verified_only: bool = False
+    """Hand out (`on_tokens`) and return only tokens every hop's answers were checked for: every hop is
+    checked at the end of a generation, and a generation fails if a hop has no replica to check it with."""
+    liar_ban_seconds: float = 3600.0
+    """How long a peer caught answering wrongly stays out of every route of this client."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be in [0, 1], not {self.verify_fraction}")

@@ -7,6 +7,8 @@ swarm produces the tokens `LlamaForCausalLM.generate` produces.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,19 +21,23 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint
 from tsotsa.client.config import ClientConfig
-from tsotsa.client.session import Failures, InferenceSession
+from tsotsa.client.session import Failures, InferenceSession, Rewind
 from tsotsa.client.swarm import Swarm
 from tsotsa.codec import decode, encode
 from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.dht import SwarmDHT, start_dht
 from tsotsa.errors import SwarmError
 from tsotsa.head import ModelHead
+from tsotsa.records import ServerRecord
 from tsotsa.remote import cached_checkpoint, default_cache_dir
 from tsotsa.rpc import describe_rpc_error
 from tsotsa.spans import position_ids_from_mask
+from tsotsa.tls import TlsSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
 
 TokenCallback = Callable[[torch.Tensor], None]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class GenerationStats:
     seconds: float
     tokens_per_s: float  # decode rate: tokens after the first, over the time after the first
     hops: int            # peers on the route at the end of the call
+    checks: int = 0      # spot checks of hops made (`ClientConfig.verify_fraction`, `verified_only`)
+    rewound_tokens: int = 0  # tokens dropped and generated again because a peer was caught answering wrongly
 
 
 class SwarmModel:
@@ -51,16 +59,18 @@ class SwarmModel:
     weights (greedy, or sampling with transformers' warpers and a seed); `forward` giving its logits; peer
     failures being recovered without changing either (up to `client_config.max_failures` a call); and several
     threads calling `generate`/`forward` on one instance at once, each getting its own result and statistics.
-    `close()` (or `with`) stops the DHT node and channels.
+    `close()` (or `with`) stops the DHT node and channels. `tls` (`TlsSettings.load(cert, key, ca)`, or
+    `TlsSettings.from_env()`): every connection, to the coordinator and to peers, is mutual TLS.
     """
 
     def __init__(self, config: LlamaConfig, model_id: str, head: dict[str, torch.Tensor], dht: SwarmDHT,
                  tokenizer=None, wire_dtype: torch.dtype | None = None, device: str = "cpu",
-                 token: str | None = None, client_config: ClientConfig | None = None) -> None:
+                 token: str | None = None, client_config: ClientConfig | None = None,
+                 tls: TlsSettings | None = None) -> None:
         self.config, self.model_id, self.tokenizer, self.dht = config, model_id, tokenizer, dht
         self.device = torch.device(device)
         client_config = client_config or ClientConfig()
-        self.swarm = Swarm(dht, model_id, config.num_hidden_layers, token=token, config=client_config)
+        self.swarm = Swarm(dht, model_id, config.num_hidden_layers, token=token, config=client_config, tls=tls)
         self.head = ModelHead(config, head, device)
         self.dtype = self.head.dtype
         self.wire_dtype = wire_dtype or client_config.wire_dtype or self.dtype
@@ -70,34 +80,37 @@ class SwarmModel:
     @classmethod
     def from_coordinator(cls, address: str, *, cache_dir: Path | None = None, initial_peers: list[str] | None = None,
                          wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None,
-                         config: ClientConfig | None = None) -> "SwarmModel":
+                         config: ClientConfig | None = None, tls: TlsSettings | None = None) -> "SwarmModel":
         """Fetches the head and tokenizer once (cached on disk) and joins the DHT as a client."""
         config = config or ClientConfig()
-        with CoordinatorClient(address, token=token, timeout=config.coordinator_timeout) as client:
+        with CoordinatorClient(address, token=token, timeout=config.coordinator_timeout, tls=tls) as client:
             info = client.model_info()
             checkpoint = cached_checkpoint(client, info, cache_dir or default_cache_dir(), head=True)
-        return cls._from_checkpoint(checkpoint, info.model_id, list(initial_peers or info.dht_initial_peers),
-                                    wire_dtype, device, token, config)
+        model = cls._from_checkpoint(checkpoint, info.model_id, list(initial_peers or info.dht_initial_peers),
+                                     wire_dtype, device, token, config, tls)
+        model.swarm.on_liar = functools.partial(report_to_coordinator, address, token, tls, info.model_id,
+                                                config.coordinator_timeout)
+        return model
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path | str, initial_peers: list[str], *,
                         wire_dtype: torch.dtype | None = None, device: str = "cpu", token: str | None = None,
-                        config: ClientConfig | None = None) -> "SwarmModel":
+                        config: ClientConfig | None = None, tls: TlsSettings | None = None) -> "SwarmModel":
         """Uses a local copy of the checkpoint for the head: works while the coordinator is down."""
         checkpoint = Checkpoint.open(model_dir)
         return cls._from_checkpoint(checkpoint, checkpoint.model_id, initial_peers, wire_dtype, device, token,
-                                    config or ClientConfig())
+                                    config or ClientConfig(), tls)
 
     @classmethod
     def _from_checkpoint(cls, checkpoint: Checkpoint, model_id: str, initial_peers: list[str],
-                         wire_dtype: torch.dtype | None, device: str, token: str | None, config: ClientConfig
-                         ) -> "SwarmModel":
+                         wire_dtype: torch.dtype | None, device: str, token: str | None, config: ClientConfig,
+                         tls: TlsSettings | None = None) -> "SwarmModel":
         head = checkpoint.read_prefixes(HEAD_PREFIXES)
         has_tokenizer = any((checkpoint.directory / name).is_file() for name in TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.directory) if has_tokenizer else None
-        dht = start_dht(initial_peers, client_mode=True, timeout=config.dht_timeout,
+        dht = start_dht(initial_peers, client_mode=True, token=token, timeout=config.dht_timeout,
                         start_timeout=config.dht_start_timeout, attempts=config.dht_start_attempts)
-        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype, device, token, config)
+        return cls(checkpoint.config, model_id, head, dht, tokenizer, wire_dtype, device, token, config, tls)
 
     @property
     def client_config(self) -> ClientConfig:
@@ -143,8 +156,8 @@ class SwarmModel:
             try:
                 reply = self.swarm.stub(hop.server.address).Forward(request, timeout=self.swarm.step_timeout)
             except grpc.RpcError as error:
-                failures.note(hop.server.peer_id, error.code(), str(describe_rpc_error(hop.server.address, "peer",
-                                                                                       error)))
+                failure = describe_rpc_error(hop.server.address, "peer", error, self.swarm.tls is not None)
+                failures.note(hop.server.peer_id, error.code(), str(failure))
                 continue
             hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
             block = hop.end
@@ -183,12 +196,42 @@ class SwarmModel:
         warpers = self._warpers(do_sample, temperature, top_k, top_p)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         unfinished = torch.ones(batch, dtype=torch.bool)
+        verified_only = self.swarm.config.verified_only
         began = time.perf_counter()
         first_token_at = None
+        produced = delivered = rewound = 0  # tokens sampled, handed to on_tokens, dropped by rewinds
+        generator_states: list[torch.Tensor | None] = []  # before sampling each token: a rewind restores it
+        positions = position_ids_from_mask(mask)
+        pending = (self.embed(input_ids), mask, positions)  # the session step still to make, if any
         with self.inference_session(batch, prompt_length + max_new_tokens, adapter) as session:
-            positions = position_ids_from_mask(mask)
-            hidden = session.step(self.embed(input_ids), mask, positions)
-            for produced in range(max_new_tokens):
+            while True:
+                finished = produced == max_new_tokens or not unfinished.any()
+                try:
+                    if pending is not None:
+                        hidden = session.step(*pending)
+                        pending = None
+                    if finished and verified_only:
+                        session.verify_all()
+                except Rewind as rewind:  # tokens from step `rewind.step` on were built on a wrong answer
+                    kept = rewind.step
+                    rewound += produced - kept
+                    produced, pending, hidden = kept, None, rewind.hidden
+                    input_ids, mask = input_ids[:, :prompt_length + kept], mask[:, :prompt_length + kept]
+                    positions = position_ids_from_mask(mask)[:, -1:] if kept else position_ids_from_mask(mask)
+                    unfinished = torch.ones(batch, dtype=torch.bool)
+                    if eos is not None:
+                        unfinished = ~(input_ids[:, prompt_length:] == eos).any(dim=1)
+                    if generator is not None:
+                        generator.set_state(generator_states[kept])
+                    del generator_states[kept:]
+                    continue
+                if verified_only and on_tokens is not None:
+                    for index in range(delivered, min(produced, session.verified_steps)):
+                        on_tokens(input_ids[:, prompt_length + index])
+                    delivered = max(delivered, min(produced, session.verified_steps))
+                if finished:
+                    break
+                generator_states.append(generator.get_state() if generator is not None else None)
                 scores = self.logits(hidden[:, -1]).float().cpu()
                 scores = warpers(input_ids, scores)
                 if do_sample:
@@ -199,23 +242,23 @@ class SwarmModel:
                 next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
                 input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+                produced += 1
                 first_token_at = first_token_at or time.perf_counter()
-                if on_tokens is not None:
+                if on_tokens is not None and not verified_only:
                     on_tokens(next_tokens)
                 if eos is not None:
                     unfinished &= next_tokens != eos
-                if not unfinished.any() or produced == max_new_tokens - 1:
-                    break
-                positions = positions[:, -1:] + 1
-                hidden = session.step(self.embed(next_tokens[:, None]), None, positions)
-            route = session.route
+                if produced < max_new_tokens and unfinished.any():
+                    positions = positions[:, -1:] + 1
+                    pending = (self.embed(next_tokens[:, None]), None, positions)
+            route, checks = session.route, session.checks
         generated = input_ids.shape[1] - prompt_length
         elapsed = time.perf_counter() - began
         decode_time = time.perf_counter() - (first_token_at or began)
         stats = GenerationStats(
             new_tokens=generated, seconds=elapsed,
             tokens_per_s=(generated - 1) / decode_time if generated > 1 and decode_time > 0 else 0.0,
-            hops=len(route),
+            hops=len(route), checks=checks, rewound_tokens=rewound,
         )
         return (input_ids, stats) if return_stats else input_ids
 
@@ -234,6 +277,17 @@ class SwarmModel:
         if top_p < 1.0:
             warpers.append(TopPLogitsWarper(top_p=top_p))
         return warpers
+
+
+def report_to_coordinator(address: str, token: str | None, tls: TlsSettings | None, model_id: str,
+                          timeout: float, server: ServerRecord, reason: str) -> None:
+    """Tells the coordinator (for `tsotsa status`) about a peer a spot check caught; a coordinator that
+    cannot be reached only costs a log line: the peer is banned here in any case."""
+    try:
+        with CoordinatorClient(address, token=token, timeout=timeout, tls=tls) as client:
+            client.report_peer(model_id, server.peer_id, server.start, server.end, reason)
+    except SwarmError as error:
+        logger.warning("could not report peer %s to the coordinator: %s", server.peer_id, error)
 
 
 def require_tokenizer(model: SwarmModel):

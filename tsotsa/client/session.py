@@ -4,22 +4,34 @@ The session remembers what it sent into every hop. When a hop's peer fails (dies
 cache), the session bans it, plans a new route for that hop's blocks, opens streams there and replays the
 remembered inputs to rebuild the KV caches; then the step goes on. The caller sees the same hidden
 states, and generation the same tokens, as if nothing had happened.
+
+With `verify_fraction`, hops are spot-checked after a step (`tsotsa.client.verify`). A peer caught
+answering wrongly is banned and reported, and the session is rebuilt on other peers from the first step
+it got wrong: `step` (or `verify_all`) then raises `Rewind`, which tells the caller to take up again from
+that step with the correct output.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
+import random
 import uuid
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 
+from tsotsa.client import verify
 from tsotsa.client.routing import Hop
 from tsotsa.client.swarm import Swarm
 from tsotsa.codec import WireError, decode, encode
 from tsotsa.errors import SwarmError
+from tsotsa.records import ServerRecord
+from tsotsa.rpc import tls_failure
 from tsotsa.v1 import tsotsa_pb2 as pb
+
+logger = logging.getLogger(__name__)
 
 # Failures another peer may not have: retry elsewhere. Anything else is the caller's mistake. A peer that
 # refuses this client's token or model (UNAUTHENTICATED, FAILED_PRECONDITION) is not what its record said:
@@ -90,6 +102,7 @@ class HopStream:
 
     def __init__(self, swarm: Swarm, hop: Hop, batch_size: int, max_length: int, adapter: str = "") -> None:
         self.hop, self.timeout, self._watchdog = hop, swarm.step_timeout, swarm.watchdog
+        self._tls = swarm.tls is not None
         self.session_id = uuid.uuid4().hex
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = swarm.stub(hop.server.address).Inference(iter(self._requests.get, None))
@@ -121,7 +134,8 @@ class HopStream:
             if self._watchdog.disarm(token):
                 raise HopFailure(self.hop, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"no reply within {self.timeout:g} s") from None
-            raise HopFailure(self.hop, error.code(), error.details()) from None
+            details = tls_failure(self.hop.server.address, "peer", error, self._tls) or error.details()
+            raise HopFailure(self.hop, error.code(), details) from None
         self._watchdog.disarm(token)
         return reply
 
@@ -145,6 +159,22 @@ class HopFailure(Exception):
 class _Leg:
     stream: HopStream
     history: list[StepInputs] = field(default_factory=list)
+    answers: list[torch.Tensor] = field(default_factory=list)  # what the peer returned for each step
+    verified: int = 0  # steps [0, verified) checked against a replica
+
+    def record(self, inputs: StepInputs, output: torch.Tensor) -> None:
+        self.history.append(inputs)
+        self.answers.append(output)
+
+
+class Rewind(Exception):
+    """The session's peers got step `step` (and maybe later ones) wrong; it was rebuilt on others, and
+    `hidden` is the correct output of that step. The caller drops what it derived from steps >= `step`
+    and goes on from `hidden`."""
+
+    def __init__(self, step: int, hidden: torch.Tensor, liar: str) -> None:
+        super().__init__(f"rewound to step {step}: {liar}")
+        self.step, self.hidden = step, hidden
 
 
 class InferenceSession:
@@ -157,6 +187,8 @@ class InferenceSession:
         self.swarm, self.batch_size, self.max_length, self.wire_dtype = swarm, batch_size, max_length, wire_dtype
         self.adapter = adapter
         self.failures = Failures(swarm)
+        self.checks = 0  # spot checks made (each covers one hop's steps so far)
+        self._random = random.Random()
         self.legs: list[_Leg] = self._open_legs(0, swarm.num_blocks, [])
 
     @property
@@ -175,10 +207,97 @@ class InferenceSession:
             except HopFailure as failure:
                 self._recover(index, failure)
                 continue
-            leg.history.append(inputs)
+            leg.record(inputs, output)
             hidden = output
             index += 1
+        fraction = self.swarm.config.verify_fraction
+        for leg in list(self.legs):
+            if fraction and self._random.random() < fraction:
+                self._check(leg, required=False)
         return hidden
+
+    @property
+    def verified_steps(self) -> int:
+        """How many steps, from the first, every hop's answers were checked for."""
+        return min(leg.verified for leg in self.legs)
+
+    def verify_all(self) -> None:
+        """Checks every hop's answers so far; Rewind if one was wrong, SwarmError if a hop has no replica."""
+        for leg in list(self.legs):
+            self._check(leg, required=True)
+
+    def _check(self, leg: _Leg, required: bool) -> None:
+        """Compares the hop's answers with a replica's; on a disagreement a third peer decides who lied
+        (without one, both are suspect). The liar is banned and reported, and the session rebuilt."""
+        steps = len(leg.history)
+        if leg.verified == steps:
+            return
+        hop = leg.stream.hop
+        layout = verify.prefix(leg.history)
+        relative = verify.tolerance(hop.server)
+        excluded = self.failures.banned | self.swarm.banned()
+        first = self._replica_output(hop, layout, excluded)
+        if first is None:
+            if required:
+                raise SwarmError(f"cannot check blocks {hop.start}:{hop.end}: no other online peer serves them "
+                                 f"in {hop.server.dtype}/{hop.server.quant}")
+            return
+        referee, truth = first
+        self.checks += 1
+
+        def mismatch(output: torch.Tensor) -> int | None:
+            return verify.first_mismatch(leg.answers, output, layout.lengths, layout.mask, relative)
+
+        bad_step = mismatch(truth)
+        if bad_step is None:
+            leg.verified = steps
+            return
+        third = self._replica_output(hop, layout, excluded | {referee.peer_id})
+        if third is not None and mismatch(third[1]) is None:  # the hop and a third agree: the referee lied
+            self._caught(referee, f"its Forward over blocks {hop.start}:{hop.end} disagreed with two peers")
+            leg.verified = steps
+            return
+        if third is not None:
+            liars, why = [hop.server], "two other peers"
+        else:  # nobody to decide: both are suspect
+            liars, why = [hop.server, referee], "a replica, and no third peer could decide"
+        for liar in liars:
+            self._caught(liar, f"blocks {hop.start}:{hop.end}: its answer to step {bad_step} differs from {why}")
+        self._rebuild(bad_step, ", ".join(liar.peer_id[:12] for liar in liars))
+
+    def _replica_output(self, hop: Hop, layout: "verify.Prefix", excluded: frozenset[str] | set[str]
+                        ) -> tuple[ServerRecord, torch.Tensor] | None:
+        """The first comparable replica's Forward over the hop's history, or None when none answers."""
+        servers = self.swarm.servers()
+        for replica in verify.replicas(servers, hop.server, hop.start, hop.end, frozenset(excluded)):
+            request = pb.ForwardRequest(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
+                                        hidden_states=encode(layout.hidden, self.wire_dtype),
+                                        attention_mask=encode(layout.mask), position_ids=encode(layout.positions),
+                                        adapter=self.adapter)
+            try:
+                reply = self.swarm.stub(replica.address).Forward(request, timeout=self.swarm.step_timeout)
+                output = decode(reply.hidden_states, what="hidden_states", ndim=3)
+            except (grpc.RpcError, WireError) as error:
+                logger.info("replica %s could not check blocks %d:%d: %s", replica.address, hop.start, hop.end,
+                            error)
+                continue
+            if output.shape == layout.hidden.shape:
+                return replica, output
+        return None
+
+    def _caught(self, server: ServerRecord, reason: str) -> None:
+        logger.warning("peer %s at %s answered wrongly: %s", server.peer_id, server.address, reason)
+        self.failures.banned.add(server.peer_id)
+        self.swarm.caught(server, reason)
+
+    def _rebuild(self, step: int, liar: str) -> None:
+        """Every hop reopened on peers not banned, fed the first hop's inputs up to `step`; Rewind with the
+        correct output of `step`."""
+        inputs = self.legs[0].history[:step + 1]
+        for leg in self.legs:
+            leg.stream.abort()
+        self.legs = self._open_legs(0, self.swarm.num_blocks, inputs)
+        raise Rewind(step, self.legs[-1].answers[-1], liar)
 
     def close(self) -> None:
         for leg in self.legs:
@@ -211,7 +330,7 @@ class InferenceSession:
                     for leg in legs:
                         inputs = StepInputs(hidden, past.mask, past.positions)
                         hidden = leg.stream.step(inputs, self.wire_dtype)
-                        leg.history.append(inputs)
+                        leg.record(inputs, hidden)
                 return legs
             except HopFailure as failure:
                 for leg in legs:

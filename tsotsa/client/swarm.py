@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -18,6 +19,7 @@ from tsotsa.dht import SwarmDHT
 from tsotsa.errors import SwarmError
 from tsotsa.records import ServerRecord
 from tsotsa.rpc import open_channel
+from tsotsa.tls import TlsSettings
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 ROUTE_RETRY_SECONDS = 1.0
@@ -28,13 +30,16 @@ class Swarm:
     several threads at once."""
 
     def __init__(self, dht: SwarmDHT, model_id: str, num_blocks: int, token: str | None = None,
-                 config: ClientConfig | None = None) -> None:
+                 config: ClientConfig | None = None, tls: TlsSettings | None = None) -> None:
         self.dht, self.model_id, self.num_blocks, self._token = dht, model_id, num_blocks, token
+        self.tls = tls  # every channel to a peer is mutual TLS with it (`tsotsa.tls`)
         self.config = config or ClientConfig()
         self.watchdog = Watchdog()
         self._channels: dict[str, grpc.Channel] = {}
         self._banned: dict[str, float] = {}  # peer id -> monotonic time its ban ends
         self._lock = threading.Lock()
+        # Told of every peer a spot check caught (the peer and why); SwarmModel reports them to the coordinator.
+        self.on_liar: Callable[[ServerRecord, str], None] | None = None
 
     @property
     def step_timeout(self) -> float:
@@ -57,10 +62,19 @@ class Swarm:
                     raise SwarmError(f"{error} with adapter {adapter!r}") if adapter else error from None
             time.sleep(ROUTE_RETRY_SECONDS)
 
-    def ban(self, peer_id: str) -> None:
-        """Leaves the peer out of this client's routes for `config.ban_seconds`."""
+    def ban(self, peer_id: str, seconds: float | None = None) -> None:
+        """Leaves the peer out of this client's routes for `seconds` (default `config.ban_seconds`); a
+        longer ban already in place stays."""
+        until = time.monotonic() + (self.config.ban_seconds if seconds is None else seconds)
         with self._lock:
-            self._banned[peer_id] = time.monotonic() + self.config.ban_seconds
+            self._banned[peer_id] = max(until, self._banned.get(peer_id, 0.0))
+
+    def caught(self, server: ServerRecord, reason: str) -> None:
+        """A peer answered wrongly (`tsotsa.client.verify`): out of routes for `config.liar_ban_seconds`,
+        and reported."""
+        self.ban(server.peer_id, self.config.liar_ban_seconds)
+        if self.on_liar is not None:
+            self.on_liar(server, reason)
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
@@ -73,7 +87,7 @@ class Swarm:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = self._channels[address] = open_channel(address, self._token)
+                channel = self._channels[address] = open_channel(address, self._token, self.tls)
             return pb_grpc.PeerStub(channel)
 
     def close(self) -> None:

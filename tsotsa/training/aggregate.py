@@ -41,6 +41,20 @@ def aggregate(previous: dict[str, torch.Tensor], replicas: list[tuple[dict[str, 
     return result
 
 
+def adapter_problem(previous: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """Why a replica's adapter cannot be averaged in (a tensor the run does not have, of another shape, or
+    not finite), or None."""
+    for key, tensor in state.items():
+        expected = previous.get(key)
+        if expected is None:
+            return f"it holds {key[:120]}, which the run's adapter does not have"
+        if tensor.shape != expected.shape:
+            return f"its {key} has shape {list(tensor.shape)}, not {list(expected.shape)}"
+        if not torch.isfinite(tensor).all():
+            return f"its {key} is not finite"
+    return None
+
+
 def blocks_of(state: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
     """The tensors of blocks [start, end): what one peer holds."""
     return {key: tensor for key, tensor in state.items() if start <= parse_adapter_key(key)[0] < end}

@@ -8,14 +8,17 @@ runs on CPU so that someone without a GPU can still turn it into a standalone Ll
 from __future__ import annotations
 
 import json
+import os
+import re
+import secrets
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tsotsa.checkpoint import TOKENIZER_FILES, head_dim, load_config
@@ -24,6 +27,7 @@ from tsotsa.training.lora import LLAMA_LINEARS, LoraSettings, adapter_key, initi
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STAGING_SUFFIX, OLD_SUFFIX = ".partial", ".old"  # write_adapter's directories beside the one it writes
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -62,27 +66,85 @@ def initial_adapter(config: LlamaConfig, settings: LoraSettings, blocks: range |
     return tensors
 
 
-def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], settings: LoraSettings, base_model: str) -> Path:
-    """Writes into a temporary directory beside `out_dir` and renames it, so a crash never leaves a
-    half-written adapter where a reader would take it for a whole one."""
+def write_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], settings: LoraSettings, base_model: str,
+                  extra: Callable[[Path], None] | None = None) -> Path:
+    """Writes the adapter, and whatever `extra(staging)` adds beside it, into a staging directory next to
+    `out_dir`, makes every file and directory of it durable (fsync), then renames it into place and syncs
+    the parent: `out_dir` is either the whole new adapter or what it was before, and no other directory is
+    touched. A full disk raises OSError (errno ENOSPC; the weights are written with plain file writes, so
+    safetensors' own error never hides it) after removing the staging directory; a process killed before
+    the rename leaves only a staging directory, which the next write of the same name removes.
+
+    An existing `out_dir` is replaced by two renames (it aside, then the new one in): a crash between them
+    leaves no `out_dir` and the old adapter whole in `.NAME.*.old/NAME`, never a mixture of the two."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    parent, name = out_dir.parent, out_dir.name
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_staging_left_by_a_crash(parent, name, keep_old=not out_dir.exists())
+    staging = parent / f".{name}.{secrets.token_hex(4)}{STAGING_SUFFIX}"
+    staging.mkdir()
     try:
         settings.peft_config(inference_mode=True, base_model=base_model).save_pretrained(staging)
-        save_file({key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()},
-                  staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        write_durably(staging / ADAPTER_WEIGHTS, save(
+            {key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()}, metadata={"format": "pt"}))
+        if extra is not None:
+            extra(staging)
+        _sync_tree(staging)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
+            old = parent / f".{name}.{secrets.token_hex(4)}{OLD_SUFFIX}"
+            old.mkdir()
+            out_dir.rename(old / name)
             staging.rename(out_dir)
+            _sync_directory(parent)
             shutil.rmtree(old)
         else:
             staging.rename(out_dir)
+            _sync_directory(parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """A new file holding `data`, on the disk when this returns (written, then fsynced). Failures are the
+    OSError of the write itself: ENOSPC when the disk is full."""
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (directories after their contents), so that a rename of
+    `root` never publishes names whose data is not on the disk yet."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for file in files:
+            descriptor = os.open(os.path.join(directory, file), os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        _sync_directory(Path(directory))
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove_staging_left_by_a_crash(parent: Path, name: str, keep_old: bool) -> None:
+    """Removes the staging directories of `name` that a killed writer left in `parent`; also the set-aside
+    old adapters unless `keep_old` (then a crash mid-replace took `name` away, and the old one is all there is).
+    The names are exactly write_adapter's, so a sibling's directories (`name` another prefix of theirs) stay."""
+    staging = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}({re.escape(STAGING_SUFFIX)}|{re.escape(OLD_SUFFIX)})")
+    for entry in parent.iterdir():
+        match = staging.fullmatch(entry.name)
+        if match and entry.is_dir() and not (keep_old and match.group(1) == OLD_SUFFIX):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def read_adapter(adapter_dir: Path) -> tuple[dict[str, torch.Tensor], LoraSettings]:

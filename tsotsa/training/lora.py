@@ -46,7 +46,8 @@ class LoraSettings:
             raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout}")
         unknown = [name for name in self.target_modules if name not in LLAMA_LINEARS]
         if unknown or not self.target_modules:
-            raise ValueError(f"target modules {unknown or '(none)'} are not Llama linears; choose from "
+            shown = [name[:40] for name in unknown[:4]] if unknown else "(none)"  # a refusal must fit in a status
+            raise ValueError(f"target modules {shown} are not Llama linears; choose from "
                              f"{', '.join(LLAMA_LINEARS)}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 

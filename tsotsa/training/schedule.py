@@ -15,7 +15,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 def check_schedule(schedule: str, warmup_steps: int, total_steps: int) -> None:
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown learning-rate schedule {schedule[:40]!r}; expected one of {', '.join(SCHEDULES)}")
     if not 0 <= warmup_steps <= total_steps:
         raise ValueError(f"warm-up steps must be in 0..{total_steps} (the run's steps), not {warmup_steps}")
 

@@ -284,7 +284,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "config_json", "num_blocks", "dht_initial_peers", "tokenizer_files", "torch_dtype", "total_bytes")
+    __slots__ = ("model_id", "config_json", "num_blocks", "dht_initial_peers", "tokenizer_files", "torch_dtype", "total_bytes", "run_signing_key")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class ModelInfo(_message.Message):
     TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
     TORCH_DTYPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUN_SIGNING_KEY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     config_json: str
     num_blocks: int
@@ -299,7 +300,28 @@ class ModelInfo(_message.Message):
     tokenizer_files: _containers.RepeatedScalarFieldContainer[str]
     torch_dtype: str
     total_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., num_blocks: _Optional[int] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., tokenizer_files: _Optional[_Iterable[str]] = ..., torch_dtype: _Optional[str] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    run_signing_key: bytes
+    def __init__(self, model_id: _Optional[str] = ..., config_json: _Optional[str] = ..., num_blocks: _Optional[int] = ..., dht_initial_peers: _Optional[_Iterable[str]] = ..., tokenizer_files: _Optional[_Iterable[str]] = ..., torch_dtype: _Optional[str] = ..., total_bytes: _Optional[int] = ..., run_signing_key: _Optional[bytes] = ...) -> None: ...
+
+class RunCredential(_message.Message):
+    __slots__ = ("model_id", "run", "issued_at", "expires_at")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    run: str
+    issued_at: float
+    expires_at: float
+    def __init__(self, model_id: _Optional[str] = ..., run: _Optional[str] = ..., issued_at: _Optional[float] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class SignedRunCredential(_message.Message):
+    __slots__ = ("credential", "signature")
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    credential: bytes
+    signature: bytes
+    def __init__(self, credential: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SwarmStatusRequest(_message.Message):
     __slots__ = ()
@@ -330,16 +352,48 @@ class PeerRecord(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., expires_in: _Optional[float] = ...) -> None: ...
 
 class SwarmMap(_message.Message):
-    __slots__ = ("model_id", "num_blocks", "peers", "rejected_records")
+    __slots__ = ("model_id", "num_blocks", "peers", "rejected_records", "reported")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     num_blocks: int
     peers: _containers.RepeatedCompositeFieldContainer[PeerRecord]
     rejected_records: int
-    def __init__(self, model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerRecord, _Mapping]]] = ..., rejected_records: _Optional[int] = ...) -> None: ...
+    reported: _containers.RepeatedCompositeFieldContainer[ReportedPeer]
+    def __init__(self, model_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[PeerRecord, _Mapping]]] = ..., rejected_records: _Optional[int] = ..., reported: _Optional[_Iterable[_Union[ReportedPeer, _Mapping]]] = ...) -> None: ...
+
+class PeerReport(_message.Message):
+    __slots__ = ("model_id", "peer_id", "start_block", "end_block", "reason")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    peer_id: str
+    start_block: int
+    end_block: int
+    reason: str
+    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PeerReportAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReportedPeer(_message.Message):
+    __slots__ = ("peer_id", "reports", "last_reason", "seconds_ago")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    reports: int
+    last_reason: str
+    seconds_ago: float
+    def __init__(self, peer_id: _Optional[str] = ..., reports: _Optional[int] = ..., last_reason: _Optional[str] = ..., seconds_ago: _Optional[float] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("model_id", "tensor_prefixes", "file_names")

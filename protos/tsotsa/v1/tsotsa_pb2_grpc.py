@@ -546,6 +546,11 @@ class CoordinatorStub:
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.SwarmStatusRequest.SerializeToString,
                 response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.SwarmMap.FromString,
                 _registered_method=True)
+        self.ReportPeer = channel.unary_unary(
+                '/tsotsa.v1.Coordinator/ReportPeer',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.PeerReport.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.PeerReportAck.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_stream(
                 '/tsotsa.v1.Coordinator/Fetch',
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchRequest.SerializeToString,
@@ -593,6 +598,12 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SwarmStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportPeer(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -652,6 +663,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SwarmStatus,
                     request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.SwarmStatusRequest.FromString,
                     response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.SwarmMap.SerializeToString,
+            ),
+            'ReportPeer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPeer,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.PeerReport.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.PeerReportAck.SerializeToString,
             ),
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
@@ -743,6 +759,33 @@ class Coordinator:
             '/tsotsa.v1.Coordinator/SwarmStatus',
             tsotsa_dot_v1_dot_tsotsa__pb2.SwarmStatusRequest.SerializeToString,
             tsotsa_dot_v1_dot_tsotsa__pb2.SwarmMap.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPeer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsotsa.v1.Coordinator/ReportPeer',
+            tsotsa_dot_v1_dot_tsotsa__pb2.PeerReport.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.PeerReportAck.FromString,
             options,
             channel_credentials,
             insecure,

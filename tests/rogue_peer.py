@@ -1,0 +1,78 @@
+"""A peer that misbehaves on purpose, for tests only (no product flag makes a peer do this): the real
+`tsotsa-peer`, with one behaviour replaced before it starts.
+
+    python tests/rogue_peer.py MODE join --coordinator ... (the arguments of `tsotsa-peer`)
+
+Modes:
+- refuse-token: announces its span like any admitted peer, then answers every inference call
+  UNAUTHENTICATED, as a peer configured with another token for its gRPC calls would.
+- perturb: announces 10x its measured throughput (so routes prefer it) and, once a session holds more
+  than LIE_AFTER tokens, adds noise to its answer on one decode step in LIE_EVERY (20%); its KV cache,
+  its prefill and its Forward answers stay honest, as a careful liar's would.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import grpc
+
+ROGUE = [sys.executable, __file__]
+
+
+def refuse_token() -> None:
+    from tsotsa.peer.service import PeerService
+
+    def refuse(self, request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong swarm token")
+
+    def refuse_stream(self, requests, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong swarm token")
+        yield  # a generator, as the real method is
+
+    PeerService.Forward = refuse
+    PeerService.Inference = refuse_stream
+
+
+LIE_AFTER = 12  # tokens in the session before the first lie
+LIE_EVERY = 5   # one decode step in this many is answered wrongly
+
+
+def perturb() -> None:
+    import torch
+
+    from tsotsa.codec import decode, encode
+    from tsotsa.peer import server
+    from tsotsa.peer.service import PeerService
+
+    measure = server.measure_throughput
+    server.measure_throughput = lambda span, *args, **kwargs: 10 * measure(span, *args, **kwargs)
+    honest_step = PeerService._step
+
+    def lying_step(self, session, step):
+        answer = honest_step(self, session, step)
+        decoding = len(step.hidden_states.shape) == 3 and step.hidden_states.shape[1] == 1
+        if decoding and session.length > LIE_AFTER and session.length % LIE_EVERY == 0:
+            hidden = decode(answer)
+            noise = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(session.length))
+            answer = encode(hidden + 0.5 * hidden.abs().max() * noise, hidden.dtype)
+        return answer
+
+    PeerService._step = lying_step
+
+
+MODES: dict[str, Callable[[], None]] = {"refuse-token": refuse_token, "perturb": perturb}
+
+
+def command(mode: str) -> list[str]:
+    """The `command` of `LocalSwarm.add_peers` that starts a rogue peer in `mode`."""
+    assert mode in MODES, mode
+    return [*ROGUE, mode]
+
+
+if __name__ == "__main__":
+    MODES[sys.argv.pop(1)]()
+    from tsotsa.peer.cli import app
+
+    app(prog_name="tsotsa-peer")
