@@ -207,6 +207,9 @@ def finetune(
     lr: float = typer.Option(1e-3, help="AdamW learning rate (the peak, with a schedule)."),
     lr_schedule: str = typer.Option("constant", help="constant, linear or cosine decay over the run's steps."),
     warmup_steps: int = typer.Option(0, help="Optimizer steps of linear warm-up from 0 to --lr."),
+    verify_fraction: float = typer.Option(0.0, help="Chance per peer and micro-batch that its forward pass is "
+                                                    "recomputed on a replica and compared (needs --lora-dropout 0; "
+                                                    "docs/security.md)."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
     seed: int = typer.Option(0, help="Seed of the LoRA initialisation and the data order."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
@@ -258,7 +261,7 @@ def finetune(
                               grad_accum=grad_accum, seq_len=seq_len, lora_r=lora_r, lora_alpha=lora_alpha,
                               lora_dropout=lora_dropout, target_modules=list(dict.fromkeys(targets)), lr=lr,
                               weight_decay=weight_decay, seed=seed, gradient_checkpointing=gradient_checkpointing,
-                              lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+                              lr_schedule=lr_schedule, warmup_steps=warmup_steps, verify_fraction=verify_fraction,
                               out_dir=str(out) if out is not None else "")
         with CoordinatorClient(coordinator, token=token, admin_token=admin_token,
                                tls=load_tls(tls_cert, tls_key, tls_ca)) as client:

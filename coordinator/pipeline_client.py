@@ -10,6 +10,7 @@ leave that peer out; calls whose failure costs nothing (Discard, GetAdapter, Clo
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 
 import grpc
@@ -40,9 +41,11 @@ class PipelineClient:
         self.swarm, self.run, self.model_id, self.wire_dtype = swarm, run, model_id, wire_dtype
         self.signer = signer
 
-    def _rpc(self, peer: ServerRecord, method: str, request, timeout: float | None = None):
-        """One training RPC to `peer` with this run's credential (signed per call: ~50 us, no expiry to track)."""
-        metadata = [(METADATA_KEY, self.signer.credential(self.model_id, self.run))]
+    def _rpc(self, peer: ServerRecord, method: str, request, timeout: float | None = None,
+             credential_run: str | None = None):
+        """One training RPC to `peer` with this run's credential (or `credential_run`'s), signed per call
+        (~50 us, no expiry to track)."""
+        metadata = [(METADATA_KEY, self.signer.credential(self.model_id, credential_run or self.run))]
         return getattr(self.swarm.stub(peer.address), method)(request, timeout=timeout or self.swarm.step_timeout,
                                                               metadata=metadata)
 
@@ -53,10 +56,12 @@ class PipelineClient:
         tensors = [pb.NamedTensor(name=key, tensor=encode(tensor)) for key, tensor in sorted(adapter.items())]
         self._rpc(peer, "SetAdapter", pb.SetAdapterRequest(run=self.run, tensors=tensors))
 
-    def train_forward(self, pipeline: Pipeline, tag: str, hidden: torch.Tensor, mask: torch.Tensor
+    def train_forward(self, pipeline: Pipeline, tag: str, hidden: torch.Tensor, mask: torch.Tensor,
+                      trace: list[tuple[ServerRecord, torch.Tensor, torch.Tensor]] | None = None
                       ) -> tuple[torch.Tensor, int]:
         """TrainForward through the pipeline (each peer keeps what its backward needs): the last hidden
-        states and the bytes sent and received. The first peer's input needs no gradient."""
+        states and the bytes sent and received. The first peer's input needs no gradient. With `trace`,
+        each peer's (peer, input as sent, output) is appended to it, for spot checks."""
         wire = 0
         for position, peer in enumerate(pipeline):
             request = pb.TrainForwardRequest(run=self.run, micro_batch=tag, attention_mask=encode(mask),
@@ -64,8 +69,37 @@ class PipelineClient:
                                              no_input_grad=position == 0)
             reply = self.call(peer, "TrainForward", request)
             wire += request.ByteSize() + reply.ByteSize()
-            hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
+            sent, hidden = hidden, decode(reply.hidden_states, what="hidden_states", ndim=3)
+            if trace is not None:
+                trace.append((peer, sent.to(self.wire_dtype), hidden))
         return hidden, wire
+
+    def recompute(self, referee: ServerRecord, adapter: dict[str, torch.Tensor], lora: pb.LoraSpec,
+                  hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What `referee` computes for `hidden` through its span with `adapter` (another peer's, of the same
+        span): loaded there as a throw-away run of its own, used by one Forward, closed again. grpc.RpcError
+        passes through."""
+        check = f"{self.run[:40]}-check-{uuid.uuid4().hex[:12]}"
+        self._rpc(referee, "OpenTraining", pb.OpenTrainingRequest(model_id=self.model_id, run=check, lora=lora),
+                  credential_run=check)
+        try:
+            tensors = [pb.NamedTensor(name=key, tensor=encode(tensor)) for key, tensor in sorted(adapter.items())]
+            self._rpc(referee, "SetAdapter", pb.SetAdapterRequest(run=check, tensors=tensors), credential_run=check)
+            request = pb.ForwardRequest(model_id=self.model_id, start_block=referee.start, end_block=referee.end,
+                                        hidden_states=encode(hidden, self.wire_dtype), attention_mask=encode(mask),
+                                        adapter=check)
+            return decode(self._rpc(referee, "Forward", request).hidden_states, what="hidden_states", ndim=3)
+        finally:
+            try:
+                self._rpc(referee, "CloseTraining", pb.CloseTrainingRequest(run=check), CLOSE_TIMEOUT,
+                          credential_run=check)
+            except grpc.RpcError:
+                pass
+
+    def adapter_of(self, peer: ServerRecord) -> dict[str, torch.Tensor]:
+        """The run's adapter as `peer` holds it now. grpc.RpcError passes through."""
+        reply = self._rpc(peer, "GetAdapter", pb.GetAdapterRequest(run=self.run))
+        return {item.name: decode(item.tensor, what=item.name, ndim=2) for item in reply.tensors}
 
     def train_backward(self, pipeline: Pipeline, tag: str, grad: torch.Tensor) -> int:
         """TrainBackward back through the pipeline from the gradient of its output: the bytes sent and received."""
@@ -83,10 +117,10 @@ class PipelineClient:
         for peer in pipeline:
             self.call(peer, "Step", pb.StepRequest(run=self.run, samples=samples, lr=lr))
 
-    def discard(self, pipeline: Pipeline, dead: ServerRecord) -> None:
-        """The pipeline's surviving peers forget the gradients of the unit it could not finish."""
+    def discard(self, pipeline: Pipeline, dead: ServerRecord | None) -> None:
+        """The pipeline's peers (but `dead`) forget the gradients of the unit it could not finish."""
         for peer in pipeline:
-            if peer.peer_id == dead.peer_id:
+            if dead is not None and peer.peer_id == dead.peer_id:
                 continue
             try:
                 self._rpc(peer, "Discard", pb.DiscardRequest(run=self.run))

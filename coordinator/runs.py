@@ -15,6 +15,7 @@ from tsotsa.errors import TsotsaError
 from tsotsa.run_credentials import RunSigner
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.training.lora import check_run_name
+from tsotsa.coordinator.reports import PeerReports
 from tsotsa.coordinator.data import Example, parse_jsonl, tokenize
 from tsotsa.coordinator.store import RunExists, RunRecord, RunStore, UNFINISHED_STATES
 from tsotsa.coordinator.trainer import BaseModel, RunDriver, RunSpec
@@ -82,9 +83,12 @@ class EventLog:
 
 
 class RunManager:
-    def __init__(self, store: RunStore, state_dir: Path, base: BaseModel, swarm: Swarm, signer: RunSigner) -> None:
-        """`signer`: the coordinator's key for the run credentials its training calls to peers carry."""
+    def __init__(self, store: RunStore, state_dir: Path, base: BaseModel, swarm: Swarm, signer: RunSigner,
+                 reports: PeerReports | None = None) -> None:
+        """`signer`: the coordinator's key for the run credentials its training calls to peers carry;
+        `reports`: where peers the runs' spot checks catch are recorded (for `tsotsa status`)."""
         self.store, self.state_dir, self.base, self.swarm, self.signer = store, state_dir, base, swarm, signer
+        self.reports = reports or PeerReports()
         self.drivers: dict[str, RunDriver] = {}
         self.logs: dict[str, EventLog] = {}
         self._lock = threading.Lock()
@@ -165,7 +169,8 @@ class RunManager:
 
     def _start(self, spec: RunSpec, examples: tuple[list[Example], list[Example]] | None = None) -> None:
         log = EventLog()
-        driver = RunDriver(spec, self.store, self.base, self.swarm, log.emit, examples, signer=self.signer)
+        driver = RunDriver(spec, self.store, self.base, self.swarm, log.emit, examples, signer=self.signer,
+                           on_liar=self.reports.add)
         with self._lock:
             self.drivers[spec.name], self.logs[spec.name] = driver, log
         driver.start()

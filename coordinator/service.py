@@ -33,7 +33,7 @@ from tsotsa.training.lora import LoraSettings, OptimizerSettings, lora_spec
 from tsotsa.training.schedule import check_schedule
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
-from tsotsa.coordinator.reports import MAX_REASON, PeerReports
+from tsotsa.coordinator.reports import MAX_REASON
 from tsotsa.coordinator.runs import RunManager
 from tsotsa.coordinator.store import RunExists, RunRecord, StoreBusy
 from tsotsa.coordinator.trainer import RunSpec
@@ -54,7 +54,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise ValueError(f"max_streams must be at least 1, not {max_streams}")
         self.checkpoint, self.model_id, self.dht, self.runs = checkpoint, model_id, dht, runs
         self.admin_token = admin_token
-        self.reports = PeerReports()
+        self.reports = runs.reports  # what clients report and what the runs' spot checks catch
         self.max_streams = max_streams
         self._stream_slots = threading.BoundedSemaphore(max_streams)
         self.config_json = (checkpoint.directory / "config.json").read_text()
@@ -95,7 +95,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                           f"this coordinator serves {self.model_id}, not {request.model_id[:80]!r}")
         peer_id = request.peer_id
         if not 0 < len(peer_id) <= 128 or not (peer_id.isascii() and peer_id.isalnum()):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "peer_id must be a peer id (base58, at most 128 characters)")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "peer_id must be a peer id (base58, at most 128 characters)")
         blocks = self.checkpoint.config.num_hidden_layers
         if not request.start_block < request.end_block <= blocks:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -229,8 +230,14 @@ def run_fields(config: pb.RunConfig) -> dict:
     optimizer = OptimizerSettings(lr=config.lr or defaults.optimizer.lr, weight_decay=config.weight_decay)
     schedule = config.lr_schedule or defaults.lr_schedule
     check_schedule(schedule, config.warmup_steps, fields["rounds"] * fields["steps_per_round"])
+    if not 0.0 <= config.verify_fraction <= 1.0:
+        raise ValueError(f"verify_fraction must be in [0, 1], not {config.verify_fraction}")
+    if config.verify_fraction and lora.dropout:
+        raise ValueError("spot checks (verify_fraction) compare forward passes, which LoRA dropout makes differ: "
+                         "use lora_dropout 0")
     return {**fields, "lora": lora, "optimizer": optimizer, "gradient_checkpointing": config.gradient_checkpointing,
-            "lr_schedule": schedule, "warmup_steps": config.warmup_steps, "out_dir": config.out_dir or None}
+            "lr_schedule": schedule, "warmup_steps": config.warmup_steps, "out_dir": config.out_dir or None,
+            "verify_fraction": config.verify_fraction}
 
 
 def _or_nan(value: float | None) -> float:

@@ -41,6 +41,8 @@ from tsotsa.training.loss import causal_lm_loss, summed_loss
 from tsotsa.training.schedule import learning_rate
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.coordinator.data import load_examples
+from tsotsa.coordinator.progress import RoundProgress, UnitDone
+from tsotsa.coordinator.spot_checks import LiarCaught, SpotChecks
 from tsotsa.coordinator.pipeline_client import PipelineBroken, PipelineClient
 from tsotsa.coordinator.pipelines import Pipeline, form_pipelines, uncovered_blocks
 from tsotsa.coordinator.store import Participant, RunStore
@@ -72,6 +74,7 @@ class RunSpec:
     gradient_checkpointing: bool = False
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    verify_fraction: float = 0.0  # spot checks of pipeline peers' TrainForward (RunDriver._spot_check)
 
     @property
     def total_steps(self) -> int:
@@ -106,17 +109,8 @@ class RunStopped(Exception):
     pass
 
 
-@dataclass
-class RoundProgress:
-    units_done: int = 0
-    samples: int = 0
-    tokens: int = 0
-    wire_bytes: int = 0
-    losses: list[float] = field(default_factory=list)
-    trained: dict[str, ServerRecord] = field(default_factory=dict)  # peers whose adapters hold this round's work
-    dealt: dict[str, int] = field(default_factory=dict)  # peer id -> samples this coordinator had it step on
-    broken: set[str] = field(default_factory=set)  # peers that failed this round: not used again in it
-    began: float = field(default_factory=time.perf_counter)
+class PipelineVoided(Exception):
+    """A spot check found that a liar took part in this pipeline's work: its unit goes back."""
 
 
 class RunDriver:
@@ -124,10 +118,10 @@ class RunDriver:
 
     def __init__(self, spec: RunSpec, store: RunStore, base: BaseModel, swarm: Swarm,
                  emit: Callable[[pb.RunEvent], None], data: tuple[list[Example], list[Example]] | None = None,
-                 *, signer: RunSigner) -> None:
+                 *, signer: RunSigner, on_liar: Callable[[str, str], None] | None = None) -> None:
         """`data`: the training and eval examples when the caller has them already (a new run, checked at
         creation); a resumed run reads them back from its files. `signer` signs the run credential of every
-        training call to a peer."""
+        training call to a peer; `on_liar(peer_id, reason)` hears of every peer a spot check catches."""
         self.spec, self.store, self.base, self.swarm, self.emit = spec, store, base, swarm, emit
         self.stop_requested = threading.Event()
         self._data = data
@@ -141,6 +135,10 @@ class RunDriver:
         # The state the store has not taken yet (see _finish and _set_state), as (state, message); else None.
         self.unsaved_state: tuple[str, str] | None = None
         self.peers = PipelineClient(swarm, spec.name, base.model_id, base.head.dtype, signer)
+        self.checks = SpotChecks(self.peers, swarm, lora_spec(spec.lora, spec.optimizer, spec.gradient_checkpointing),
+                                 spec.verify_fraction)
+        self.liars: set[str] = set()  # peers a spot check caught: left out of this run for good
+        self._on_liar = on_liar
 
     # ------------------------------------------------------------------- run
 
@@ -224,8 +222,9 @@ class RunDriver:
                       for k in range(spec.steps_per_round))
         progress = RoundProgress()
         while units:
-            pipelines = self._pipelines(exclude=progress.broken)
+            pipelines = self._pipelines(exclude=progress.broken | self.liars)
             self._prepare(pipelines, index)
+            progress.tainted.clear()  # prepared again: they hold the round's adapter
             workers = [threading.Thread(target=self._work, args=(pipeline, units, progress, index), daemon=True)
                        for pipeline in pipelines]
             for worker in workers:
@@ -300,7 +299,7 @@ class RunDriver:
                     return
                 unit = units.popleft()
             try:
-                self._train_unit(pipeline, unit, progress, index)
+                self._train_unit(pipeline, unit, units, progress, index)
             except PipelineBroken as error:
                 logger.warning("pipeline broke: %s; unit %s goes back", error, unit)
                 with self._lock:
@@ -308,8 +307,14 @@ class RunDriver:
                     progress.broken.add(error.peer.peer_id)
                 self.peers.discard(pipeline, error.peer)
                 return
+            except PipelineVoided:
+                with self._lock:
+                    units.appendleft(unit)
+                self.peers.discard(pipeline, None)
+                return
 
-    def _train_unit(self, pipeline: Pipeline, unit: list[int], progress: RoundProgress, index: int) -> None:
+    def _train_unit(self, pipeline: Pipeline, unit: list[int], units: deque, progress: RoundProgress,
+                    index: int) -> None:
         spec = self.spec
         losses, tokens, wire = [], 0, 0
         for micro_batch in unit:
@@ -318,7 +323,10 @@ class RunDriver:
             tag = f"{index}.{micro_batch}"
             with torch.no_grad():
                 hidden = self.base.head.embed(input_ids)
-            hidden, sent = self.peers.train_forward(pipeline, tag, hidden, mask)
+            trace = [] if spec.verify_fraction else None
+            hidden, sent = self.peers.train_forward(pipeline, tag, hidden, mask, trace)
+            if trace:
+                self._spot_check(pipeline, trace, mask, units, progress)
             hidden = hidden.detach().requires_grad_(True)
             loss = causal_lm_loss(self.base.head.logits(hidden), labels)
             (loss / spec.grad_accum).backward()
@@ -329,18 +337,35 @@ class RunDriver:
         lr = spec.step_lr(unit[0] // spec.grad_accum)  # unit k of the run is its optimizer step k
         self.peers.step(pipeline, samples, lr)
         with self._lock:
-            progress.units_done += 1
-            progress.samples += samples
-            progress.tokens += tokens
-            progress.wire_bytes += wire
-            progress.losses.extend(losses)
-            for peer in pipeline:
-                progress.trained[peer.peer_id] = peer
-                progress.dealt[peer.peer_id] = progress.dealt.get(peer.peer_id, 0) + samples
+            if any(peer.peer_id in self.liars or peer.peer_id in progress.tainted for peer in pipeline):
+                raise PipelineVoided()  # a check elsewhere voided this pipeline's work meanwhile
+            progress.done.append(UnitDone(unit, tuple(pipeline), samples, tokens, wire, losses))
             done, rate = progress.units_done, progress.tokens / max(time.perf_counter() - progress.began, 1e-9)
         self.emit(pb.RunEvent(kind="step", round=index, steps_done=done, steps_total=spec.steps_per_round,
                               loss=sum(losses) / len(losses), peers=[peer.peer_id for peer in pipeline],
                               tokens_per_s=rate))
+
+    def _spot_check(self, pipeline: Pipeline, trace: list, mask: torch.Tensor, units: deque,
+                    progress: RoundProgress) -> None:
+        """Spot checks of this micro-batch's answers (`coordinator/spot_checks.py`). A liar is left out of the
+        run; the units it and the peers it worked with did this round are dealt again, and those peers start
+        again from the round's adapter (PipelineVoided when this pipeline is among them)."""
+        try:
+            self.checks.check(trace, mask, excluded=progress.broken | self.liars)
+        except LiarCaught as caught:
+            with self._lock:
+                self.liars |= {liar.peer_id for liar in caught.liars}
+                tainted, voided = progress.void(self.liars)
+                units.extend(voided)
+                for peer_id in tainted:
+                    self._holds.pop(peer_id, None)  # pushed the round's adapter again before it trains on
+            logger.warning("run %s: %s; %d units of this round are dealt again", self.spec.name, caught.reason,
+                           len(voided))
+            for liar in caught.liars if self._on_liar is not None else ():
+                self._on_liar(liar.peer_id, f"blocks {liar.start}:{liar.end}: run {self.spec.name}: {caught.reason}")
+            self._set_state("running", f"{caught.reason}: left out of the run", best_effort=True)
+            if any(peer.peer_id in tainted or peer.peer_id in self.liars for peer in pipeline):
+                raise PipelineVoided() from None
 
     # ------------------------------------------------------- end of a round
 
@@ -400,7 +425,7 @@ class RunDriver:
             return None
         broken: set[str] = set()
         while True:
-            pipeline = self._pipelines(exclude=broken)[0]
+            pipeline = self._pipelines(exclude=broken | self.liars)[0]
             self._prepare([pipeline], version)
             try:
                 return self._evaluate_on(pipeline)

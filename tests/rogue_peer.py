@@ -9,6 +9,8 @@ Modes:
 - perturb: announces 10x its measured throughput (so routes prefer it) and, once a session holds more
   than LIE_AFTER tokens, adds noise to its answer on one decode step in LIE_EVERY (20%); its KV cache,
   its prefill and its Forward answers stay honest, as a careful liar's would.
+- perturb-training: answers every TrainForward with noise added (its backward, its Forward, which referees
+  use, and everything else stay honest).
 """
 
 from __future__ import annotations
@@ -62,7 +64,26 @@ def perturb() -> None:
     PeerService._step = lying_step
 
 
-MODES: dict[str, Callable[[], None]] = {"refuse-token": refuse_token, "perturb": perturb}
+def perturb_training() -> None:
+    import torch
+
+    from tsotsa.codec import decode, encode
+    from tsotsa.peer.training_rpcs import TrainingService
+
+    honest_forward = TrainingService.TrainForward
+
+    def lying_forward(self, request, context):
+        reply = honest_forward(self, request, context)
+        hidden = decode(reply.hidden_states)
+        noise = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(len(request.micro_batch)))
+        reply.hidden_states.CopyFrom(encode(hidden + 0.5 * hidden.abs().max() * noise, hidden.dtype))
+        return reply
+
+    TrainingService.TrainForward = lying_forward
+
+
+MODES: dict[str, Callable[[], None]] = {"refuse-token": refuse_token, "perturb": perturb,
+                                        "perturb-training": perturb_training}
 
 
 def command(mode: str) -> list[str]:

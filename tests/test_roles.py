@@ -93,7 +93,8 @@ def zeroed(coordinator: pb_grpc.PeerStub, model_id: str) -> list[pb.NamedTensor]
     coordinator.OpenTraining(pb.OpenTrainingRequest(model_id=model_id, run=probe, lora=SPEC), timeout=TIMEOUT)
     reply = coordinator.GetAdapter(pb.GetAdapterRequest(run=probe), timeout=TIMEOUT)
     coordinator.CloseTraining(pb.CloseTrainingRequest(run=probe), timeout=TIMEOUT)
-    return [pb.NamedTensor(name=item.name, tensor=encode(torch.zeros_like(decode(item.tensor)))) for item in reply.tensors]
+    return [pb.NamedTensor(name=item.name, tensor=encode(torch.zeros_like(decode(item.tensor))))
+            for item in reply.tensors]
 
 
 @pytest.mark.parametrize("run", [SERVED, "a-new-run"])

@@ -225,6 +225,7 @@ BAD_RUN_NAMES = {
     "parent directory": "../x",
     "path": "a/b",
     "leading dot": ".hidden",
+    "a dot, which peft refuses in adapter names": "v1.2",
     "leading dash": "-x",
     "space": "a b",
     "non-ascii": "r\u00e9sum\u00e9",

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_RANK = 1024  # a low-rank adapter; a larger rank is a mistake, and could exhaust a peer's memory
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a run names its adapter on every peer
+# A run names its adapter on every peer; peft refuses adapter names with a '.' (torch module names).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 PEFT_BLOCK_PREFIX = "base_model.model.model.layers."  # keys of PEFT's adapter_model.safetensors for LlamaForCausalLM
 
 
@@ -84,7 +85,7 @@ class OptimizerSettings:
 
 def check_run_name(name: str) -> None:
     if not RUN_NAME.fullmatch(name):
-        raise ValueError(f"bad run name {name[:80]!r}: letters, digits, '.', '_', '-'; at most 64")
+        raise ValueError(f"bad run name {name[:80]!r}: letters, digits, '_', '-'; at most 64")
 
 
 def lora_spec(lora: LoraSettings, optimizer: OptimizerSettings | None = None,

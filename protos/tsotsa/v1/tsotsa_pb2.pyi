@@ -426,7 +426,7 @@ class FetchChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., is_file: _Optional[bool] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("rounds", "steps_per_round", "micro_batch", "grad_accum", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay", "seed", "gradient_checkpointing", "out_dir", "lr_schedule", "warmup_steps")
+    __slots__ = ("rounds", "steps_per_round", "micro_batch", "grad_accum", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "weight_decay", "seed", "gradient_checkpointing", "out_dir", "lr_schedule", "warmup_steps", "verify_fraction")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -443,6 +443,7 @@ class RunConfig(_message.Message):
     OUT_DIR_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     steps_per_round: int
     micro_batch: int
@@ -459,7 +460,8 @@ class RunConfig(_message.Message):
     out_dir: str
     lr_schedule: str
     warmup_steps: int
-    def __init__(self, rounds: _Optional[int] = ..., steps_per_round: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., seq_len: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., out_dir: _Optional[str] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
+    verify_fraction: float
+    def __init__(self, rounds: _Optional[int] = ..., steps_per_round: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., seq_len: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., out_dir: _Optional[str] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., verify_fraction: _Optional[float] = ...) -> None: ...
 
 class CreateRunRequest(_message.Message):
     __slots__ = ("name", "config", "train_name", "train_data", "eval_name", "eval_data")
