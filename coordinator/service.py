@@ -126,7 +126,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             tensor = self.checkpoint.read([name])[name]
             yield from _chunks(name, tensor_bytes(tensor), is_file=False, dtype=DTYPE_NAMES[tensor.dtype],
                                shape=list(tensor.shape))
-        for name in request.file_names:
+        for name in dict.fromkeys(request.file_names):  # once each, however often a request names it
             yield from _chunks(name, (self.checkpoint.directory / name).read_bytes(), is_file=True)
 
 
@@ -136,6 +136,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self._require_admin(context)
         try:
             fields = run_fields(request.config)
+            longest = self.checkpoint.config.max_position_embeddings
+            if fields["seq_len"] > longest:
+                raise ValueError(f"seq_len {fields['seq_len']} exceeds the model's {longest} positions "
+                                 "(max_position_embeddings)")
             record = self.runs.create(request.name, fields, request.train_name, request.train_data,
                                       request.eval_name, request.eval_data)
         except RunExists as error:

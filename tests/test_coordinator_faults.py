@@ -334,6 +334,27 @@ def test_watch_run_streams_past_the_kept_window_over_grpc(coordinator: Coordinat
 # ------------------------------------------------ 4. two launches, one name
 
 
+def test_a_run_longer_than_the_models_positions_is_refused_at_creation(coordinator: Coordinator) -> None:
+    config = pb.RunConfig()
+    config.CopyFrom(CONFIG)
+    config.seq_len = 1 << 20
+    with pytest.raises(grpc.RpcError) as refused:
+        coordinator.stub.CreateRun(pb.CreateRunRequest(name="too-long", config=config, train_name="train.jsonl",
+                                                       train_data=TRAIN),
+                                   metadata=((ADMIN_METADATA, ADMIN),), timeout=WAIT)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_position_embeddings" in refused.value.details()
+    assert not (coordinator.state_dir / "runs" / "too-long").exists()
+
+
+def test_fetch_sends_a_file_once_however_often_it_is_named(coordinator: Coordinator, tiny_model: Path) -> None:
+    names = [name for name in ("tokenizer.json", "tokenizer_config.json") if (tiny_model / name).is_file()][:1]
+    request = pb.FetchRequest(model_id=coordinator.model_id, file_names=names * 50)
+    chunks = list(coordinator.stub.Fetch(request, timeout=WAIT))
+    assert names and {chunk.name for chunk in chunks} == set(names)
+    assert sum(1 for chunk in chunks if chunk.offset == 0) == 1
+
+
 def test_two_create_runs_with_one_name_never_touch_each_others_directory(coordinator: Coordinator) -> None:
     for attempt in range(4):
         name = f"race-{attempt}"
