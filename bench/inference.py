@@ -167,17 +167,24 @@ def measure_swarm(swarm: LocalSwarm, peers: int, layers: int, peer_args: list[st
     with running_peers(swarm, even_spans(layers, peers), *peer_args), \
             SwarmModel.from_coordinator(swarm.coordinator_address, cache_dir=cache_dir,
                                         wire_dtype=wire_dtype, device=local.device) as model:
-        model.generate(prompt, max_new_tokens=4, eos_token_id=-1)  # warm-up: channels, streams, caches
-        result = Measurement(f"swarm, {peers} peers")
-        for _ in range(repeats):
-            clock = TokenClock(skip_first=False)
-            output, stats = model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=-1, on_tokens=clock,
-                                           return_stats=True)
-            result.add(clock.decode_tokens_per_s, output[0, prompt.shape[1]:].tolist())
-            result.hops = stats.hops
-            result.reported_tok_s = max(result.reported_tok_s, stats.tokens_per_s)
-            local.run()
-        return result
+        return timed_runs(model, f"swarm, {peers} peers", prompt, new_tokens, repeats, local)[0]
+
+
+def timed_runs(model: SwarmModel, name: str, prompt: torch.Tensor, new_tokens: int, repeats: int,
+               local: LocalBaseline) -> tuple[Measurement, int]:
+    """A warm-up generation (channels, streams, caches), then `repeats` timed ones, a local run after each;
+    the measurement and the spot checks the swarm's client made."""
+    model.generate(prompt, max_new_tokens=4, eos_token_id=-1)
+    result, checks = Measurement(name), 0
+    for _ in range(repeats):
+        clock = TokenClock(skip_first=False)
+        output, stats = model.generate(prompt, max_new_tokens=new_tokens, eos_token_id=-1, on_tokens=clock,
+                                       return_stats=True)
+        result.add(clock.decode_tokens_per_s, output[0, prompt.shape[1]:].tolist())
+        result.hops, checks = stats.hops, checks + stats.checks
+        result.reported_tok_s = max(result.reported_tok_s, stats.tokens_per_s)
+        local.run()
+    return result, checks
 
 
 # ----------------------------------------------------------------------------------- derived figures

@@ -24,7 +24,7 @@ import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
 from common import bench_parser, even_spans, machine_load, report, run_in_workdir, running_peers
-from inference import LocalBaseline, Measurement, TokenClock, load_local_model, make_prompt
+from inference import LocalBaseline, Measurement, load_local_model, make_prompt, timed_runs
 from tsotsa.client.config import ClientConfig
 from tsotsa.client.model import SwarmModel
 from tsotsa.local_swarm import LocalSwarm
@@ -62,22 +62,12 @@ def measure(variant: Variant, args: argparse.Namespace, model_dir: Path, workdir
     token = TOKEN if variant.token else None
     spans = even_spans(layers, args.peers) * 2
     config = ClientConfig(verify_fraction=variant.verify_fraction)
-    checks = 0
     with LocalSwarm(model_dir, cache_dir=workdir / "cache", threads=args.threads, token=token, tls=tls) as swarm:
         swarm.start_coordinator()
         with running_peers(swarm, spans, "--dtype", args.dtype), \
                 SwarmModel.from_coordinator(swarm.coordinator_address, cache_dir=workdir / "client-cache",
                                             token=token, tls=tls, config=config) as model:
-            model.generate(prompt, max_new_tokens=4, eos_token_id=-1)
-            result = Measurement(variant.name)
-            for _ in range(args.repeats):
-                clock = TokenClock(skip_first=False)
-                output, stats = model.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=-1,
-                                               on_tokens=clock, return_stats=True)
-                result.add(clock.decode_tokens_per_s, output[0, prompt.shape[1]:].tolist())
-                result.hops, checks = stats.hops, checks + stats.checks
-                local.run()
-    return result, checks
+            return timed_runs(model, variant.name, prompt, args.new_tokens, args.repeats, local)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

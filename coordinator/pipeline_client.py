@@ -127,8 +127,9 @@ class PipelineClient:
             except grpc.RpcError as error:
                 logger.warning("cannot discard on %s: %s", peer.address, error)
 
-    def gather(self, peers: Iterable[ServerRecord]) -> list[tuple[ServerRecord, dict[str, torch.Tensor], int]]:
-        """(peer, adapter, samples it trained on this round) of every peer that still answers."""
+    def gather(self, peers: Iterable[ServerRecord]) -> list[tuple[ServerRecord, dict[str, torch.Tensor]]]:
+        """(peer, adapter) of every peer that still answers (the samples a peer says it trained on are not
+        asked for: the coordinator weighs replicas by what it dealt them)."""
         replicas = []
         for peer in peers:
             try:
@@ -138,7 +139,7 @@ class PipelineClient:
                                peer.address, error.code().name)
                 continue
             state = {item.name: decode(item.tensor, what=item.name, ndim=2) for item in reply.tensors}
-            replicas.append((peer, state, reply.state.samples))
+            replicas.append((peer, state))
         return replicas
 
     def forward(self, pipeline: Pipeline, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

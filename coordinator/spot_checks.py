@@ -39,7 +39,6 @@ class SpotChecks:
 
     def __init__(self, client: PipelineClient, swarm: Swarm, lora: pb.LoraSpec, fraction: float) -> None:
         self.client, self.swarm, self.lora, self.fraction = client, swarm, lora, fraction
-        self.made = 0
         self._random = random.Random()
 
     def check(self, trace: Trace, mask: torch.Tensor, excluded: set[str]) -> None:
@@ -50,8 +49,9 @@ class SpotChecks:
 
     def _check(self, peer: ServerRecord, sent: torch.Tensor, answer: torch.Tensor, mask: torch.Tensor,
                excluded: set[str]) -> None:
-        referees = [s for s in self.swarm.servers() if s.serving and (s.start, s.end) == (peer.start, peer.end)
-                    and verify.comparable(peer, s) and s.peer_id not in excluded]
+        # the referee loads the peer's adapter, which holds exactly the peer's blocks: the same span only
+        referees = [s for s in verify.replicas(self.swarm.servers(), peer, peer.start, peer.end, excluded)
+                    if (s.start, s.end) == (peer.start, peer.end)]
         if not referees:
             return
         try:
@@ -59,24 +59,17 @@ class SpotChecks:
         except (grpc.RpcError, WireError) as error:
             raise PipelineBroken(peer, f"GetAdapter for a spot check: {error}") from None
         relative = verify.tolerance(peer)
-
-        def agrees(output: torch.Tensor) -> bool:
-            return verify.first_mismatch([answer], output, [answer.shape[1]], mask, relative) is None
-
-        first = self._recompute(referees, adapter, sent, mask)
-        if first is None:
+        verdict = verify.judge(
+            peer, lambda output: verify.first_mismatch([answer], output, [answer.shape[1]], mask, relative) is None,
+            lambda others: self._recompute([r for r in referees if r.peer_id not in others], adapter, sent, mask))
+        if verdict is None or not verdict.liars:
             return
-        self.made += 1
-        if agrees(first[1]):
-            return
-        second = self._recompute([r for r in referees if r.peer_id != first[0].peer_id], adapter, sent, mask)
         where = f"blocks {peer.start}:{peer.end}"
-        if second is not None and agrees(second[1]):
-            raise LiarCaught([first[0]], f"peer {first[0].peer_id} recomputed {where} unlike two other peers")
-        if second is not None:
-            raise LiarCaught([peer], f"peer {peer.peer_id}'s TrainForward over {where} differs from two other peers")
-        raise LiarCaught([peer, first[0]], f"peers {peer.peer_id} and {first[0].peer_id} disagree over {where}, "
-                                           "and no third peer could decide")
+        if verdict.liars == [peer]:
+            raise LiarCaught(verdict.liars, f"peer {peer.peer_id}'s TrainForward over {where} differs from "
+                                            f"{verdict.why}")
+        names = " and ".join(f"peer {liar.peer_id}" for liar in verdict.liars)
+        raise LiarCaught(verdict.liars, f"{names} over {where}: {verdict.why}")
 
     def _recompute(self, referees: list[ServerRecord], adapter: dict[str, torch.Tensor], sent: torch.Tensor,
                    mask: torch.Tensor) -> tuple[ServerRecord, torch.Tensor] | None:

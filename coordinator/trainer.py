@@ -361,8 +361,10 @@ class RunDriver:
                     self._holds.pop(peer_id, None)  # pushed the round's adapter again before it trains on
             logger.warning("run %s: %s; %d units of this round are dealt again", self.spec.name, caught.reason,
                            len(voided))
-            for liar in caught.liars if self._on_liar is not None else ():
-                self._on_liar(liar.peer_id, f"blocks {liar.start}:{liar.end}: run {self.spec.name}: {caught.reason}")
+            if self._on_liar is not None:
+                for liar in caught.liars:
+                    self._on_liar(liar.peer_id, f"blocks {liar.start}:{liar.end}: run {self.spec.name}: "
+                                                f"{caught.reason}")
             self._set_state("running", f"{caught.reason}: left out of the run", best_effort=True)
             if any(peer.peer_id in tainted or peer.peer_id in self.liars for peer in pipeline):
                 raise PipelineVoided() from None
@@ -373,7 +375,7 @@ class RunDriver:
         """Every surviving replica's adapter, weighted by the samples this coordinator dealt it this round
         (never a count the peer reports); an adapter of the wrong shape or not finite is left out."""
         replicas = []
-        for peer, state, _reported in self.peers.gather(progress.trained.values()):
+        for peer, state in self.peers.gather(progress.trained.values()):
             problem = adapter_problem(self.adapter, state)
             if problem:
                 logger.warning("run %s: the adapter of peer %s (%s) is left out of the round: %s", self.spec.name,

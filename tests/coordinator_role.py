@@ -4,18 +4,12 @@ calls only with the coordinator's run credential (`tsotsa.peer.roles`)."""
 
 from __future__ import annotations
 
-from collections import namedtuple
-
 import grpc
 
+from tsotsa.auth import CallDetails
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.rpc import open_channel
 from tsotsa.run_credentials import METADATA_KEY, RunSigner
-
-
-class _Details(namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
-                                       "compression")), grpc.ClientCallDetails):
-    pass
 
 
 class SignRuns(grpc.UnaryUnaryClientInterceptor):
@@ -29,8 +23,7 @@ class SignRuns(grpc.UnaryUnaryClientInterceptor):
         if run is None:
             return continuation(details, request)
         metadata = [*(details.metadata or ()), (METADATA_KEY, self.signer.credential(self.model_id, run))]
-        return continuation(_Details(details.method, details.timeout, metadata, details.credentials,
-                                     details.wait_for_ready, details.compression), request)
+        return continuation(CallDetails(details, metadata), request)
 
 
 def coordinator_signer(swarm: LocalSwarm) -> RunSigner:

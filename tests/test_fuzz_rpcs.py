@@ -50,6 +50,7 @@ from finetune_oracle import write_color_task
 
 from rpc_checks import peak_rss
 from coordinator_role import coordinator_signer  # peers take training calls from the coordinator only
+from tsotsa.auth import CallDetails
 from tsotsa.codec import encode
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.run_credentials import METADATA_KEY as CREDENTIAL_KEY
@@ -103,12 +104,6 @@ def swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
 SIGN = "x-fuzz-sign"  # how `SignRuns` signs a call: "run" (its own run), "none", "other" (another run's)
 
 
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, details: grpc.ClientCallDetails, metadata: list[tuple[str, str | bytes]]) -> None:
-        self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
-        self.wait_for_ready, self.compression, self.metadata = details.wait_for_ready, details.compression, metadata
-
-
 class SignRuns(grpc.UnaryUnaryClientInterceptor):
     """Adds, to a peer's training call of raw bytes, the coordinator's credential for the run those bytes name
     (as the coordinator would), or none, or one for another run, as the call's SIGN metadata says."""
@@ -127,7 +122,7 @@ class SignRuns(grpc.UnaryUnaryClientInterceptor):
                 run = ""
             run = run[:128] + ("-other" if how == "other" else "")  # the coordinator signs only short names
             metadata.append((CREDENTIAL_KEY, self.signer.credential(self.model_id, run)))
-        return continuation(_Details(details, metadata), request)
+        return continuation(CallDetails(details, metadata), request)
 
 
 def trains(method: MethodDescriptor) -> bool:

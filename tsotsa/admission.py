@@ -122,9 +122,7 @@ class SpanRecordValidator(RecordValidatorBase):
         try:
             subkey, value = MSGPackSerializer.loads(record.subkey), MSGPackSerializer.loads(record.value)
             ServerRecord.from_dht(subkey, value, record.expiration_time, now=get_dht_time())
-        except RecordError:
-            return False
-        except Exception:  # msgpack's errors for bytes that are not one msgpack object
+        except Exception:  # RecordError, or msgpack's errors for bytes that are not one msgpack object
             return False
         return True
 

@@ -47,7 +47,7 @@ class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
         self._metadata = (METADATA_KEY, _bearer(token))
 
     def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        return _Details(details, [*(details.metadata or ()), self._metadata])
+        return CallDetails(details, [*(details.metadata or ()), self._metadata])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_token(details), request)
@@ -62,7 +62,9 @@ class _AddToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
         return continuation(self._with_token(details), requests)
 
 
-class _Details(grpc.ClientCallDetails):
+class CallDetails(grpc.ClientCallDetails):
+    """A call's details with other metadata: what a client interceptor passes on."""
+
     def __init__(self, details: grpc.ClientCallDetails, metadata) -> None:
         self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
         self.wait_for_ready, self.compression = details.wait_for_ready, details.compression

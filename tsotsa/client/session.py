@@ -236,40 +236,33 @@ class InferenceSession:
         layout = verify.prefix(leg.history)
         relative = verify.tolerance(hop.server)
         excluded = self.failures.banned | self.swarm.banned()
-        first = self._replica_output(hop, layout, excluded)
-        if first is None:
-            if required:
-                raise SwarmError(f"cannot check blocks {hop.start}:{hop.end}: no other online peer serves them "
-                                 f"in {hop.server.dtype}/{hop.server.quant}")
-            return
-        referee, truth = first
-        self.checks += 1
 
         def mismatch(output: torch.Tensor) -> int | None:
             return verify.first_mismatch(leg.answers, output, layout.lengths, layout.mask, relative)
 
-        bad_step = mismatch(truth)
-        if bad_step is None:
+        verdict = verify.judge(hop.server, lambda output: mismatch(output) is None,
+                               lambda others: self._replica_output(hop, layout, excluded | others))
+        if verdict is None:
+            if required:
+                raise SwarmError(f"cannot check blocks {hop.start}:{hop.end}: no other online peer serves them "
+                                 f"in {hop.server.dtype}/{hop.server.quant}")
+            return
+        self.checks += 1
+        if verdict.liars == [verdict.referee]:  # the hop and a third agree: the referee lied
+            self._caught(verdict.referee, f"blocks {hop.start}:{hop.end}: {verdict.why}")
+        if not verdict.liars or verdict.liars == [verdict.referee]:
             leg.verified = steps
             return
-        third = self._replica_output(hop, layout, excluded | {referee.peer_id})
-        if third is not None and mismatch(third[1]) is None:  # the hop and a third agree: the referee lied
-            self._caught(referee, f"its Forward over blocks {hop.start}:{hop.end} disagreed with two peers")
-            leg.verified = steps
-            return
-        if third is not None:
-            liars, why = [hop.server], "two other peers"
-        else:  # nobody to decide: both are suspect
-            liars, why = [hop.server, referee], "a replica, and no third peer could decide"
-        for liar in liars:
-            self._caught(liar, f"blocks {hop.start}:{hop.end}: its answer to step {bad_step} differs from {why}")
-        self._rebuild(bad_step, ", ".join(liar.peer_id[:12] for liar in liars))
+        bad_step = mismatch(verdict.truth)
+        for liar in verdict.liars:
+            self._caught(liar, f"blocks {hop.start}:{hop.end}: its answer to step {bad_step} differs from "
+                               f"{verdict.why}")
+        self._rebuild(bad_step, ", ".join(liar.peer_id[:12] for liar in verdict.liars))
 
-    def _replica_output(self, hop: Hop, layout: "verify.Prefix", excluded: frozenset[str] | set[str]
+    def _replica_output(self, hop: Hop, layout: "verify.Prefix", excluded: set[str]
                         ) -> tuple[ServerRecord, torch.Tensor] | None:
         """The first comparable replica's Forward over the hop's history, or None when none answers."""
-        servers = self.swarm.servers()
-        for replica in verify.replicas(servers, hop.server, hop.start, hop.end, frozenset(excluded)):
+        for replica in verify.replicas(self.swarm.servers(), hop.server, hop.start, hop.end, excluded):
             request = pb.ForwardRequest(model_id=self.swarm.model_id, start_block=hop.start, end_block=hop.end,
                                         hidden_states=encode(layout.hidden, self.wire_dtype),
                                         attention_mask=encode(layout.mask), position_ids=encode(layout.positions),

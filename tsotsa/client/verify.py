@@ -10,6 +10,7 @@ of another dtype or quantization are not asked (their honest answers differ by m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ def comparable(checked: ServerRecord, replica: ServerRecord) -> bool:
 
 
 def replicas(servers: list[ServerRecord], checked: ServerRecord, start: int, end: int,
-             exclude: frozenset[str]) -> list[ServerRecord]:
+             exclude: frozenset[str] | set[str]) -> list[ServerRecord]:
     """Online peers that serve all of [start, end) like `checked` does, fastest first."""
     found = [s for s in servers if s.serving and s.start <= start and end <= s.end and s.peer_id not in exclude
              and comparable(checked, s)]
@@ -83,3 +84,33 @@ def first_mismatch(answers: list[torch.Tensor], replica: torch.Tensor, lengths: 
         if not torch.isfinite(difference).all() or difference.max() > relative * scale:
             return step
     return None
+
+
+# What a referee gives for the checked peer's input: (the referee, its output), or None when none answered.
+Ask = Callable[[frozenset[str]], "tuple[ServerRecord, torch.Tensor] | None"]
+
+
+@dataclass
+class Verdict:
+    referee: ServerRecord
+    truth: torch.Tensor          # the first referee's output
+    liars: list[ServerRecord]    # empty: the checked answer stands
+    why: str = ""
+
+
+def judge(checked: ServerRecord, agrees: Callable[[torch.Tensor], bool], ask: Ask) -> Verdict | None:
+    """Whether `checked`'s answer stands, asking referees through `ask` (which leaves out the peers it is
+    given): a disagreement is decided by a third peer (the one that disagrees with both others lied);
+    without one both are suspect. None when no referee answered."""
+    first = ask(frozenset())
+    if first is None:
+        return None
+    referee, truth = first
+    if agrees(truth):
+        return Verdict(referee, truth, [])
+    third = ask(frozenset({referee.peer_id}))
+    if third is not None and agrees(third[1]):
+        return Verdict(referee, truth, [referee], "its recomputation disagreed with two other peers")
+    if third is not None:
+        return Verdict(referee, truth, [checked], "two other peers")
+    return Verdict(referee, truth, [checked, referee], "a replica, and no third peer could decide")
