@@ -38,6 +38,20 @@ def bench_parser(doc: str, workdir_holds: str, this_process_runs: str) -> argpar
     return parser
 
 
+def add_decode_arguments(parser: argparse.ArgumentParser, new_tokens: int = 32) -> None:
+    """The flags of a decode measurement: prompt and generated tokens, repeats (`parse_decode_args` checks)."""
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    parser.add_argument("--repeats", type=int, default=3)
+
+
+def parse_decode_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the decode rate needs two tokens)")
+    return args
+
+
 def counts(text: str) -> list[int]:
     """A comma-separated flag of counts (--peers 2,4), empty items skipped."""
     return [int(n) for n in text.split(",") if n.strip()]

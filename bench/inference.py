@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
-from common import bench_parser, counts, even_spans, machine_load, report, run_in_workdir, running_peers, start_swarm
+from common import (add_decode_arguments, bench_parser, counts, even_spans, machine_load, parse_decode_args, report,
+                    run_in_workdir, running_peers, start_swarm)
 from tsotsa.client.model import SwarmModel
 from tsotsa.client.session import StepInputs
 from tsotsa.codec import encode
@@ -261,21 +262,17 @@ def summary(args: argparse.Namespace, config, local: Measurement, swarms: dict[i
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = bench_parser(__doc__, workdir_holds="the checkpoint and caches", this_process_runs="baseline and client")
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_decode_arguments(parser, new_tokens=64)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N], for the baseline and the peers")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     parser.add_argument("--quant", choices=QUANT_MODES, default="none")
     parser.add_argument("--peers", default="2,4", help="comma-separated peer counts to run")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads per peer (a pipeline computes on one peer at a time)")
-    args = parser.parse_args(argv)
+    args = parse_decode_args(parser, argv)
     args.peer_counts = counts(args.peers)
     if not args.peer_counts:
         parser.error("--peers needs at least one peer count")
-    if args.new_tokens < 2:
-        parser.error("--new-tokens must be at least 2 (the decode rate needs two tokens)")
     return args
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
-from common import bench_parser, even_spans, machine_load, report, run_in_workdir, running_peers
+from common import (add_decode_arguments, bench_parser, even_spans, machine_load, parse_decode_args, report,
+                    run_in_workdir, running_peers)
 from inference import LocalBaseline, Measurement, load_local_model, make_prompt, timed_runs
 from tsotsa.client.config import ClientConfig
 from tsotsa.client.model import SwarmModel
@@ -73,15 +74,11 @@ def measure(variant: Variant, args: argparse.Namespace, model_dir: Path, workdir
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = bench_parser(__doc__, workdir_holds="the checkpoint, caches and TLS files",
                           this_process_runs="baseline and client")
-    parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_decode_arguments(parser)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--peers", type=int, default=2, help="spans (each served by two replicas)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per peer")
-    args = parser.parse_args(argv)
-    if args.new_tokens < 2:
-        parser.error("--new-tokens must be at least 2 (the decode rate needs two tokens)")
+    args = parse_decode_args(parser, argv)
     return args
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import (AdminToken, CoordinatorAddress, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls,
-                            run_command)
+from tsotsa.console import (AdminToken, CoordinatorAddress, LogFormat, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey,
+                            load_tls, run_command, setup_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The tsotsa coordinator.")
 
@@ -29,20 +29,27 @@ def up(
                                               "~/.local/share/tsotsa/coordinator/MODEL_ID)."),
     db: Path = typer.Option(None, help="The runs' SQLite database (default STATE_DIR/coordinator.sqlite)."),
     nat_traversal: NatTraversal = False,
+    log_format: LogFormat = "text",
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
     tls_ca: TlsCa = None,
+    http_port: int = typer.Option(None, help="Also serve the HTTP API (OpenAI-compatible /v1, dashboard /, "
+                                             "/metrics) on this port (0 picks a free one)."),
+    http_host: str = typer.Option(None, help="Address the HTTP API listens on (default --host)."),
+    served_model_name: str = typer.Option(None, help="The base model's name in /v1/models (default: its model id)."),
 ) -> None:
     """Serve MODEL to the swarm until SIGTERM or Ctrl-C; runs left unfinished by a restart resume."""
 
     def body() -> None:
+        announce = setup_logging(log_format, "tsotsa.coordinator")
         tls = load_tls(tls_cert, tls_key, tls_ca)  # first: a bad TLS file is refused before torch loads
         from tsotsa.coordinator.server import CoordinatorOptions, serve_coordinator  # after quiet_libraries
 
         options = CoordinatorOptions(model_dir=model, host=host, port=port, dht_port=dht_port, token=token,
                                      admin_token=admin_token, state_dir=state_dir, db=db,
-                                     nat_traversal=nat_traversal, tls=tls)
-        serve_coordinator(options, announce=lambda line: print(line, flush=True))
+                                     nat_traversal=nat_traversal, tls=tls, http_port=http_port,
+                                     http_host=http_host, served_name=served_model_name)
+        serve_coordinator(options, announce=announce)
 
     run_command(body)
 
@@ -188,8 +195,11 @@ def _follow(client, name: str, rounds_total: int | None) -> None:
 @app.command()
 def finetune(
     coordinator: CoordinatorAddress = ...,
-    data: Path = typer.Option(..., "--data", help="Training data, JSONL: {\"text\"} or {\"prompt\", \"completion\"} "
-                                                  "per line, or a Hugging Face datasets directory (its train split)."),
+    data: Path = typer.Option(..., "--data", help="Training data, JSONL, a row per line: {\"text\"}, {\"prompt\", "
+                                                  "\"completion\"}, {\"messages\"} (OpenAI chat), {\"conversations\"} "
+                                                  "(ShareGPT) or {\"instruction\", \"input\", \"output\"} (Alpaca); or "
+                                                  "a Hugging Face datasets directory (its train split). Uploaded in "
+                                                  "chunks, up to 1 GiB."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data (same formats; a datasets "
                                                              "directory's validation or test split), scored each "
                                                              "round."),
@@ -266,7 +276,9 @@ def finetune(
         with CoordinatorClient(coordinator, token=token, admin_token=admin_token,
                                tls=load_tls(tls_cert, tls_key, tls_ca)) as client:
             info = client.create_run(name, config, data, eval_data)
-            print(f"run {info.name} created: {info.state}", flush=True)
+            evaluated = f", {info.eval_examples} evaluation examples" if info.eval_examples else ""
+            print(f"run {info.name} created: {info.state} ({info.train_examples} training examples{evaluated})",
+                  flush=True)
             if detach:
                 print(f"follow it with: tsotsa-coordinator run {info.name} --coordinator {coordinator} --follow",
                       flush=True)

@@ -1,8 +1,9 @@
 """Fine-tuning data for the coordinator, checked in full before any training round starts.
 
 A round that dies halfway on a bad row wastes every peer's work, so the whole file is parsed and
-tokenized up front, and a bad file fails with one line naming the file and the line number. How a row
-becomes tokens and batches is tsotsa.training.batches.
+tokenized up front, and a bad file fails with one line naming the file and the line number. Which formats
+a row may be in is tsotsa.training.formats; how a row becomes tokens and batches, tsotsa.training.batches
+(and tsotsa.training.chat for conversations).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from transformers import PreTrainedTokenizerBase
 
 from tsotsa.errors import TsotsaError
 from tsotsa.training.batches import Example, tokenize_row
+from tsotsa.training.chat import ChatTemplateError, has_chat_template
+from tsotsa.training.formats import Fields, RowError, canonical_fields
 from tsotsa.training.loss import IGNORE_INDEX
 
 MAX_LINE_BYTES = 1 << 20
@@ -27,7 +30,7 @@ class DataError(TsotsaError):
 @dataclass(frozen=True)
 class Row:
     line: int  # 1-based, so that tokenizing can still point at the offending line
-    fields: dict[str, str]  # {"text"} or {"prompt", "completion"}
+    fields: Fields  # {"text"}, {"prompt", "completion"} or {"messages"} (tsotsa.training.formats)
 
 
 def parse_jsonl(data: bytes, name: str) -> list[Row]:
@@ -45,7 +48,7 @@ def parse_jsonl(data: bytes, name: str) -> list[Row]:
     return rows
 
 
-def _parse_line(raw: bytes, where: str) -> dict[str, str]:
+def _parse_line(raw: bytes, where: str) -> Fields:
     try:
         text = raw.decode("utf-8-sig")  # tolerates the BOM some editors put at the start of a file
     except UnicodeDecodeError as error:
@@ -58,29 +61,10 @@ def _parse_line(raw: bytes, where: str) -> dict[str, str]:
         raise DataError(f"{where}: invalid JSON: {error}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "text" in obj:
-        if "prompt" in obj or "completion" in obj:
-            raise DataError(f'{where}: has both "text" and "prompt"/"completion"; use one or the other')
-        keys = ("text",)
-    elif "prompt" in obj or "completion" in obj:
-        keys = ("prompt", "completion")
-        missing = [key for key in keys if key not in obj]
-        if missing:
-            raise DataError(f'{where}: "{missing[0]}" is missing')
-    else:
-        raise DataError(f'{where}: needs "text", or "prompt" and "completion"')
-    for key in keys:
-        value = obj[key]
-        if not isinstance(value, str):
-            raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
-        try:
-            value.encode("utf-8")  # JSON can escape a lone surrogate, which no tokenizer accepts
-        except UnicodeEncodeError:
-            raise DataError(f'{where}: "{key}" holds an unpaired \\u surrogate escape') from None
-    target = keys[-1]  # the text or the completion: what the loss is taken on
-    if obj[target] == "":
-        raise DataError(f'{where}: "{target}" is empty')
-    return {key: obj[key] for key in keys}
+    try:
+        return canonical_fields(obj)
+    except RowError as error:
+        raise DataError(f"{where}: {error}") from None
 
 
 def tokenize(rows: list[Row], tokenizer: PreTrainedTokenizerBase, seq_len: int, name: str) -> list[Example]:
@@ -89,8 +73,15 @@ def tokenize(rows: list[Row], tokenizer: PreTrainedTokenizerBase, seq_len: int, 
         raise DataError("the model's tokenizer has no end-of-sequence token")
     examples = []
     for row in rows:
-        example = tokenize_row(row.fields, tokenizer)
         where = f"{name} line {row.line}"
+        if "messages" in row.fields and not has_chat_template(tokenizer):
+            raise DataError(f"{where}: the model has no chat template; chat rows (\"messages\", "
+                            "\"conversations\") need one in its tokenizer files (chat_template.jinja, or "
+                            "\"chat_template\" in tokenizer_config.json): use prompt/completion rows instead")
+        try:
+            example = tokenize_row(row.fields, tokenizer)
+        except ChatTemplateError as error:
+            raise DataError(f"{where}: {error}") from None
         if len(example.input_ids) > seq_len:
             raise DataError(f"{where}: {len(example.input_ids)} tokens exceed --seq-len {seq_len}")
         # The first label is never predicted (nothing precedes it), so a row needs a target after it.

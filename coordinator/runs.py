@@ -94,8 +94,9 @@ class RunManager:
         self._lock = threading.Lock()
 
     def create(self, name: str, spec_fields: dict, train_name: str, train: bytes, eval_name: str,
-               eval_data: bytes) -> RunRecord:
-        """Checks the data (a bad file fails here, naming its line) and starts the run.
+               eval_data: bytes) -> tuple[RunRecord, int, int]:
+        """Checks the data (a bad file fails here, naming its line) and starts the run; returns its record
+        and how many training and evaluation examples the data holds.
 
         The store's insert claims the name before anything touches the disk: of two calls with one name,
         the one whose insert loses gets RunExists having written and removed nothing, so it can never
@@ -122,7 +123,7 @@ class RunManager:
             self.store.set_state(name, "failed", message)
             raise RunError(message) from None
         self._start(spec, examples)
-        return record
+        return record, len(examples[0]), len(examples[1])
 
     def resume_unfinished(self) -> list[str]:
         """Runs a restart interrupted go on from their last completed round."""

@@ -7,6 +7,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
 
@@ -24,6 +25,9 @@ from tsotsa.coordinator.service import MAX_STREAMS, CoordinatorService
 from tsotsa.coordinator.store import RunStore
 from tsotsa.coordinator.trainer import BaseModel
 
+if TYPE_CHECKING:
+    from tsotsa.api.server import HttpThread
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,6 +43,9 @@ class CoordinatorOptions:
     db: Path | None = None
     nat_traversal: bool = False  # UPnP and libp2p relays for the DHT node (tsotsa.dht.start_dht)
     tls: TlsSettings | None = None  # mutual TLS on the gRPC server and on the channels to peers (tsotsa.tls)
+    http_port: int | None = None  # the HTTP API (OpenAI routes, dashboard, /metrics) in this process (tsotsa.api)
+    http_host: str | None = None  # default: host
+    served_name: str | None = None  # the base model's name in /v1/models (default: the model id)
 
 
 def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
@@ -54,6 +61,7 @@ def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
                              memory=memory, tls=options.tls)
     runs = RunManager(store, state.path, base_model(checkpoint), swarm, RunSigner(state.path / "run-signing.key"))
     stop = threading.Event()
+    http = None
     try:
         memory.keep_updated(swarm, stop)
         service = CoordinatorService(checkpoint, checkpoint.model_id, dht, runs, options.admin_token)
@@ -64,17 +72,40 @@ def serve_coordinator(options: CoordinatorOptions, announce=print) -> None:
             signal.signal(signum, lambda *_: stop.set())
         announce(f"coordinator of {checkpoint.model_id} ({checkpoint.config.num_hidden_layers} blocks) "
                  f"at {options.host}:{bound}; DHT {' '.join(service.initial_peers)}")
+        if options.http_port is not None:
+            http = start_http(options, checkpoint, bound, service.initial_peers, announce)
         for name in runs.resume_unfinished():
             announce(f"resuming run {name}")
         stop.wait()
         server.stop(grace=2).wait()
     finally:
         stop.set()
+        if http is not None:
+            http.stop()
         runs.shutdown()
         swarm.close()
         dht.shutdown()
         store.close()
         state.release()
+
+
+def start_http(options: CoordinatorOptions, checkpoint: Checkpoint, port: int, initial_peers: list[str],
+               announce) -> "HttpThread":
+    """The HTTP API on a thread of this process: a swarm client with the head from the local checkpoint,
+    asking this coordinator (over its own gRPC port, the same path as `tsotsa serve`) for runs and status."""
+    from tsotsa.api.server import HttpOptions, HttpThread
+    from tsotsa.client.model import SwarmModel
+
+    host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+    http_options = HttpOptions(coordinator=f"{host}:{port}", host=options.http_host or options.host,
+                               port=options.http_port, token=options.token, tls=options.tls,
+                               served_name=options.served_name)
+    model = SwarmModel.from_checkpoint(checkpoint.directory, initial_peers, token=options.token, tls=options.tls)
+    try:
+        return HttpThread(http_options, model, announce)
+    except BaseException:
+        model.close()
+        raise
 
 
 def base_model(checkpoint: Checkpoint) -> BaseModel:

@@ -1,15 +1,16 @@
 """The coordinator's gRPC service: the model's identity, the swarm map, the checkpoint's tensors, and the
 fine-tuning runs (launch, watch, list, stop, adapters).
 
-Each call holds one of the server's worker threads for as long as it lasts, and a stream (Fetch, WatchRun)
-can last for minutes or the whole run. Streams therefore share at most MAX_STREAMS slots, fewer than the
-server's workers (coordinator/server.py starts it with 16): a stream beyond them is refused at once with
-RESOURCE_EXHAUSTED instead of taking the last workers, so GetModelInfo, which every joining machine needs
-first, and the other short calls always find one free.
+Each call holds one of the server's worker threads for as long as it lasts, and a stream (Fetch, WatchRun,
+UploadData) can last for minutes or the whole run. Streams therefore share at most MAX_STREAMS slots, fewer
+than the server's workers (coordinator/server.py starts it with 16): a stream beyond them is refused at once
+with RESOURCE_EXHAUSTED instead of taking the last workers, so GetModelInfo, which every joining machine
+needs first, and the other short calls always find one free. Uploads themselves are coordinator/uploads.py.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -37,23 +38,29 @@ from tsotsa.coordinator.reports import MAX_REASON
 from tsotsa.coordinator.runs import RunManager
 from tsotsa.coordinator.store import RunExists, RunRecord, StoreBusy
 from tsotsa.coordinator.trainer import RunSpec
+from tsotsa.coordinator.uploads import IDLE_TIMEOUT, IdleWatchdog, Upload, UploadRefused, UploadStore
 
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-MAX_STREAMS = 12  # concurrent Fetch and WatchRun calls; the server has 4 workers more (coordinator/server.py)
+MAX_STREAMS = 12  # concurrent Fetch, WatchRun and UploadData calls; the server has 4 workers more (server.py)
 ALLOWED_PREFIXES = (BLOCKS_PREFIX, *HEAD_PREFIXES)
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, checkpoint: Checkpoint, model_id: str, dht: SwarmDHT, runs: RunManager,
-                 admin_token: str | None, max_streams: int = MAX_STREAMS) -> None:
-        """`max_streams`: how many Fetch and WatchRun calls run at once; it must stay below the server's
-        worker threads, or streams can take every worker."""
+                 admin_token: str | None, max_streams: int = MAX_STREAMS, uploads: UploadStore | None = None,
+                 upload_idle_timeout: float = IDLE_TIMEOUT) -> None:
+        """`max_streams`: how many Fetch, WatchRun and UploadData calls run at once; it must stay below the
+        server's worker threads, or streams can take every worker. `uploads`: where UploadData writes (default:
+        the state directory's uploads/, emptied now); `upload_idle_timeout`: seconds an upload may go without
+        a chunk before it is cancelled."""
         if max_streams < 1:
             raise ValueError(f"max_streams must be at least 1, not {max_streams}")
         self.checkpoint, self.model_id, self.dht, self.runs = checkpoint, model_id, dht, runs
         self.admin_token = admin_token
+        self.uploads = uploads or UploadStore(runs.state_dir / "uploads")
+        self.upload_idle_timeout = upload_idle_timeout
         self.reports = runs.reports  # what clients report and what the runs' spot checks catch
         self.max_streams = max_streams
         self._stream_slots = threading.BoundedSemaphore(max_streams)
@@ -132,23 +139,76 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ runs
 
+    def UploadData(self, request_iterator: Iterator[pb.DataChunk], context: grpc.ServicerContext) -> pb.DataUpload:
+        """A data file in chunks, for a later CreateRun (coordinator/uploads.py has the protocol and its limits).
+        A client that stops sending for `upload_idle_timeout` seconds is cancelled; a stream that ends any way
+        but complete and checked leaves nothing on disk."""
+        self._require_admin(context)
+        with self._stream_slot(context, "UploadData"):
+            watchdog = IdleWatchdog(self.upload_idle_timeout, context.cancel)
+            try:
+                return self.uploads.receive(_touching(request_iterator, watchdog))
+            except UploadRefused as error:
+                context.abort(error.code, str(error))
+            except OSError as error:  # the state directory's disk
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if error.errno in (errno.ENOSPC, errno.EDQUOT) else \
+                    grpc.StatusCode.INTERNAL
+                context.abort(code, f"cannot write the upload into {self.uploads.directory}: "
+                                    f"{error.strerror or error}")
+            finally:
+                watchdog.stop()
+                if watchdog.fired:
+                    logger.warning("a data upload sent nothing for %g s and was cancelled", self.upload_idle_timeout)
+
     def CreateRun(self, request: pb.CreateRunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
         self._require_admin(context)
+        claimed: dict[str, Upload] = {}  # the uploads this call uses: deleted if the run is created, else kept
+        created = False
         try:
             fields = run_fields(request.config)
             longest = self.checkpoint.config.max_position_embeddings
             if fields["seq_len"] > longest:
                 raise ValueError(f"seq_len {fields['seq_len']} exceeds the model's {longest} positions "
                                  "(max_position_embeddings)")
-            record = self.runs.create(request.name, fields, request.train_name, request.train_data,
-                                      request.eval_name, request.eval_data)
+            train_name, train = self._data("train", request.train_name, request.train_data, request.train_upload,
+                                           claimed)
+            eval_name, eval_data = self._data("eval", request.eval_name, request.eval_data, request.eval_upload,
+                                              claimed)
+            record, train_examples, eval_examples = self.runs.create(request.name, fields, train_name, train,
+                                                                     eval_name, eval_data)
+            created = True
+        except UploadRefused as error:
+            context.abort(error.code, str(error))
         except RunExists as error:
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(error))
         except StoreBusy as error:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         except (TsotsaError, ValueError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return self._run_info(record)
+        finally:
+            for upload_id in claimed:
+                self.uploads.release(upload_id, used=created)
+        info = self._run_info(record)
+        info.train_examples, info.eval_examples = train_examples, eval_examples
+        return info
+
+    def _data(self, what: str, name: str, inline: bytes, upload_id: str, claimed: dict[str, Upload]
+              ) -> tuple[str, bytes]:
+        """(name, JSONL bytes) of the training or evaluation data: inline, or from the upload it names (which
+        stays claimed, in `claimed`, until the call ends; one upload may serve as both)."""
+        if not upload_id:
+            return name, inline
+        if inline:
+            raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"both {what}_data and {what}_upload are set: send the {what} data one way")
+        upload = claimed.get(upload_id)
+        if upload is None:
+            upload = claimed[upload_id] = self.uploads.claim(upload_id)
+        try:
+            return name or upload.name, upload.path.read_bytes()
+        except OSError as error:
+            raise UploadRefused(grpc.StatusCode.NOT_FOUND, f"data upload {upload_id} ({upload.name}) cannot be "
+                                                           f"read: {error.strerror or error}") from None
 
     def StopRun(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.RunInfo:
         self._require_admin(context)
@@ -187,8 +247,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         are taken; the slot is given back however the stream ends (finished, refused, cancelled)."""
         if not self._stream_slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"the coordinator already serves {self.max_streams} streams (Fetch, WatchRun), its "
-                          f"limit; {what} was refused: try again when one ends")
+                          f"the coordinator already serves {self.max_streams} streams (Fetch, WatchRun, "
+                          f"UploadData), its limit; {what} was refused: try again when one ends")
         try:
             yield
         finally:
@@ -242,6 +302,13 @@ def run_fields(config: pb.RunConfig) -> dict:
     return {**fields, "lora": lora, "optimizer": optimizer, "gradient_checkpointing": config.gradient_checkpointing,
             "lr_schedule": schedule, "warmup_steps": config.warmup_steps, "out_dir": config.out_dir or None,
             "verify_fraction": config.verify_fraction}
+
+
+def _touching(chunks: Iterator[pb.DataChunk], watchdog: IdleWatchdog) -> Iterator[pb.DataChunk]:
+    """The chunks as they come, each one telling the watchdog the client is still sending."""
+    for chunk in chunks:
+        watchdog.touch()
+        yield chunk
 
 
 def _or_nan(value: float | None) -> float:

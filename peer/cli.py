@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import (CoordinatorAddress, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls, parse_dtype,
-                            run_command)
+from tsotsa.console import (CoordinatorAddress, LogFormat, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls,
+                            parse_dtype, run_command, setup_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="A tsotsa peer.")
 
@@ -44,6 +44,10 @@ def join(
                                               "~/.local/share/tsotsa/peer/MODEL_ID; one per peer process)."),
     wait_timeout: float = typer.Option(None, help="Seconds to wait for an unreachable coordinator before giving "
                                                   "up (default: wait as long as it takes)."),
+    metrics_port: int = typer.Option(None, help="Serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a "
+                                                "free port; under the swarm token and TLS when set; default off)."),
+    metrics_host: str = typer.Option(None, help="Address the metrics page listens on (default: --host)."),
+    log_format: LogFormat = "text",
     token: SwarmToken = None,
     nat_traversal: NatTraversal = False,
     tls_cert: TlsCert = None,
@@ -53,9 +57,15 @@ def join(
     """Serve a span of the coordinator's model until SIGTERM (which drains open sessions first)."""
 
     def body() -> None:
+        say = setup_logging(log_format, "tsotsa.peer")
         tls = load_tls(tls_cert, tls_key, tls_ca)  # first: a wrong certificate is refused before torch loads
         if tls is not None:
             tls.check_serves(announce_host or host)
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, not {metrics_port}")
+        import sys
+
+        from tsotsa.peer.display import PeerDisplay
         from tsotsa.peer.server import PeerOptions, serve_peer
         from tsotsa.peer.service import PeerLimits
         from tsotsa.remote import default_cache_dir
@@ -76,8 +86,10 @@ def join(
                               session_timeout=session_timeout, open_timeout=open_timeout),
             drain_timeout=drain_timeout, threads=threads, token=token,
             adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,
-            wait_timeout=wait_timeout, nat_traversal=nat_traversal, tls=tls,
+            wait_timeout=wait_timeout, nat_traversal=nat_traversal, tls=tls, metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
-        serve_peer(options, say=lambda line: print(line, flush=True))
+        # progress bars and the live status line on a terminal only: elsewhere stdout is what scripts parse
+        serve_peer(options, say=say, display=PeerDisplay(say, live=sys.stdout.isatty() and log_format == "text"))
 
     run_command(body)

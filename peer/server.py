@@ -6,16 +6,19 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from prometheus_client import CollectorRegistry
 from transformers import LlamaConfig
 
-from tsotsa.checkpoint import Checkpoint, block_prefix, config_from_json
+from tsotsa.checkpoint import Checkpoint, block_prefix, config_from_json, tensor_nbytes
 from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.dht import SwarmDHT, start_dht
 from tsotsa.errors import CheckpointError, TsotsaError
+from tsotsa.metrics_server import MetricsServer, serve_metrics
 from tsotsa.records import MAX_RECORD_LIFETIME, ServerRecord, ServerState
 from tsotsa.remote import cached_checkpoint, default_cache_dir, fetch_adapter, served_model_id
 from tsotsa.rpc import start_server
@@ -26,6 +29,7 @@ from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.training.lora import lora_from_spec
 from tsotsa.peer.adapters import Adapters
+from tsotsa.peer.display import PeerDisplay
 from tsotsa.peer.selection import blocks_that_fit, choose_span, confirmed_servers
 from tsotsa.peer.roles import CoordinatorOnly
 from tsotsa.peer.service import PeerLimits, PeerService
@@ -58,6 +62,8 @@ class PeerOptions:
     wait_timeout: float | None = None  # seconds to wait for an unreachable coordinator (None: no limit)
     nat_traversal: bool = False  # UPnP and libp2p relays for the DHT node (tsotsa.dht.start_dht)
     tls: TlsSettings | None = None  # mutual TLS on the gRPC server and every channel it opens (tsotsa.tls)
+    metrics_port: int | None = None  # Prometheus /metrics in this process (0: a free port; None: off)
+    metrics_host: str | None = None  # where /metrics listens (default: host)
 
 
 def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
@@ -78,16 +84,29 @@ def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
 
 
 def load_span(options: PeerOptions, info: pb.ModelInfo, config: LlamaConfig, client: CoordinatorClient,
-              spec: SpanSpec) -> tuple[BlockSpan, Checkpoint]:
-    """Reads only the span's tensors: from --model when given, else from the coordinator into the cache."""
+              spec: SpanSpec, display: PeerDisplay | None = None) -> tuple[BlockSpan, Checkpoint]:
+    """Reads only the span's tensors: from --model when given, else from the coordinator into the cache.
+    Block by block, so that `display` can show the progress of a load that takes minutes."""
+    display = display or PeerDisplay(print, live=False)
+    blocks = range(spec.start, spec.end)
     if options.model_dir is not None:
         source = Checkpoint.open(options.model_dir)
         if source.model_id != info.model_id:
             raise CheckpointError(f"{options.model_dir} holds model {source.model_id}, "
                                   f"but the coordinator serves {info.model_id}")
     else:
-        source = cached_checkpoint(client, info, options.cache_dir, blocks=range(spec.start, spec.end))
-    tensors = source.read_prefixes([block_prefix(i) for i in range(spec.start, spec.end)])
+        with display.blocks(f"fetching blocks {spec} from the coordinator", len(blocks)) as progress:
+            for index in blocks:  # a block already in the cache is not fetched again
+                cache = cached_checkpoint(client, info, options.cache_dir, blocks=range(index, index + 1))
+                progress.advance(sum(tensor_nbytes(*cache.specs[name])
+                                     for name in cache.names_with_prefix([block_prefix(index)])))
+        source = cache
+    tensors = {}
+    with display.blocks(f"loading blocks {spec}", len(blocks)) as progress:
+        for index in blocks:
+            block = source.read_prefixes([block_prefix(index)])
+            tensors.update(block)
+            progress.advance(sum(tensor.nbytes for tensor in block.values()))
     span = BlockSpan(config, spec, tensors, device=options.device, dtype=options.dtype, quant=options.quant)
     return span, source
 
@@ -102,7 +121,10 @@ def load_adapter(adapters: Adapters, client: CoordinatorClient, run: str, spec: 
         raise TsotsaError(f"adapter of run {run!r} does not fit this peer: {error}") from None
 
 
-def serve_peer(options: PeerOptions, say=print) -> None:
+def serve_peer(options: PeerOptions, say: Callable[[str], None] = print, display: PeerDisplay | None = None) -> None:
+    """`say` prints the peer's announcement lines; `display` shows loading progress and a live status (default:
+    plain lines through `say`, rarely)."""
+    display = display or PeerDisplay(say, live=False)
     if options.threads:
         torch.set_num_threads(options.threads)
     if options.host in ("0.0.0.0", "::") and not options.announce_host:
@@ -110,16 +132,24 @@ def serve_peer(options: PeerOptions, say=print) -> None:
                           "other machines reach this one at")
     if not 0 < options.record_ttl <= MAX_RECORD_LIFETIME:
         raise TsotsaError(f"the record ttl must be in (0, {MAX_RECORD_LIFETIME:g}] seconds")
-    with CoordinatorClient(options.coordinator, token=options.token, tls=options.tls) as client:
-        info = client.wait_for_model_info(options.wait_timeout, say)
-        state = StateDir(options.state_dir or default_state_dir("peer", served_model_id(client, info)), "peer")
-        try:
-            _serve(options, info, client, state, say)
-        finally:
-            state.release()
+    registry = CollectorRegistry()  # what /metrics serves; the service's metrics join it once the span is loaded
+    metrics_server = _start_metrics(options, registry, say)  # first: a port in use fails before minutes of loading
+    try:
+        with CoordinatorClient(options.coordinator, token=options.token, tls=options.tls) as client:
+            info = client.wait_for_model_info(options.wait_timeout, say)
+            state = StateDir(options.state_dir or default_state_dir("peer", served_model_id(client, info)), "peer")
+            try:
+                _serve(options, info, client, state, say, display, registry)
+            finally:
+                state.release()
+    finally:
+        display.close()
+        if metrics_server is not None:
+            metrics_server.close()
 
 
-def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, state: StateDir, say) -> None:
+def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, state: StateDir,
+           say: Callable[[str], None], display: PeerDisplay, registry: CollectorRegistry) -> None:
     """Joins the DHT, picks and loads the span, serves it until SIGTERM, then drains and leaves."""
     config = config_from_json(info.config_json)
     num_blocks = config.num_hidden_layers
@@ -141,12 +171,13 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
                               state=ServerState.JOINING, throughput=0.0, device=options.device,
                               dtype=str(options.dtype).removeprefix("torch."), quant=options.quant)
         dht.announce(info.model_id, record, options.record_ttl)
-        span, source = load_span(options, info, config, client, spec)
+        span, source = load_span(options, info, config, client, spec, display)
         record.throughput = measure_throughput(span)
 
         service: PeerService | None = None
 
         def peer_info() -> pb.PeerInfo:
+            metrics = service.metrics
             return pb.PeerInfo(
                 model_id=info.model_id, peer_id=peer_id, start_block=spec.start, end_block=spec.end,
                 state=record.state.value, device=options.device, dtype=record.dtype, quant=options.quant,
@@ -154,11 +185,14 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
                 max_sessions=options.limits.max_sessions, cache_bytes_used=service.sessions.reserved_bytes,
                 cache_bytes_limit=options.limits.max_cache_bytes, checkpoint_bytes_read=source.bytes_read,
                 parameter_bytes_held=span.parameter_bytes, checkpoint_bytes_total=info.total_bytes,
+                rss_bytes=metrics.rss_bytes(), uptime_seconds=metrics.uptime_seconds(),
+                adapters=metrics.adapter_names(), tokens_served=metrics.tokens_served(),
+                steps_served=metrics.steps_served(),
             )
 
         coordinator_only = CoordinatorOnly(info.model_id, info.run_signing_key,
                                            fetch_key=lambda: client.model_info().run_signing_key)
-        service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info, coordinator_only)
+        service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info, coordinator_only, registry)
         for run in options.adapters:
             load_adapter(service.adapters, client, run, spec)
         workers = options.limits.max_sessions + 8
@@ -190,6 +224,8 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
             service.sessions.reap()  # idle sessions give their KV cache back even when no one else opens one
             record.adapters = service.adapters.names
             _announce_or_warn(dht, info.model_id, record, options.record_ttl, "heartbeat")
+            display.serving(str(spec), service.sessions.open_count, options.limits.max_sessions,
+                            service.metrics.tokens_served())
 
         # Drain: say so in the DHT (routes skip us), refuse new sessions, let open ones finish. A missed
         # announcement costs nothing here: clients that still pick this peer are refused and go elsewhere.
@@ -200,9 +236,23 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
         while service.sessions.open_count and time.monotonic() < deadline:
             time.sleep(0.1)
         server.stop(grace=1).wait()
+        display.close()
         say(f"left the swarm ({service.sessions.open_count} sessions still open at exit)")
     finally:
         dht.shutdown()
+
+
+def _start_metrics(options: PeerOptions, registry: CollectorRegistry, say: Callable[[str], None]
+                   ) -> MetricsServer | None:
+    """The peer's /metrics page (--metrics-port), under its swarm token and TLS; announced on its own line."""
+    if options.metrics_port is None:
+        return None
+    host = options.metrics_host or options.host
+    wildcard = host in ("0.0.0.0", "::", "")
+    server = serve_metrics(registry, host, options.metrics_port, token=options.token, tls=options.tls,
+                           announce_host=(options.announce_host or options.host) if wildcard else None)
+    say(f"metrics at {server.url}")
+    return server
 
 
 def _announce_or_warn(dht: SwarmDHT, model_id: str, record: ServerRecord, ttl: float, what: str) -> None:

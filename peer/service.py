@@ -4,19 +4,23 @@ RPCs it forwards to `TrainingService` (peer/training_rpcs.py).
 Every request is validated against the model config and this peer's span before it touches the blocks
 (`RequestChecker`, peer/requests.py, shared with training); anything wrong is refused with a precise status
 code and the peer keeps serving. All computation runs on the peer's one runtime thread (peer/runtime.py).
+What it serves is counted where it happens, in `metrics` (`tsotsa.metrics.PeerMetrics`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
 import torch
+from prometheus_client import CollectorRegistry
 
 from tsotsa.codec import encode
+from tsotsa.metrics import PeerMetrics
 from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
@@ -42,16 +46,22 @@ class PeerLimits:
 
 class PeerService(pb_grpc.PeerServicer):
     def __init__(self, span: BlockSpan, model_id: str, num_model_blocks: int, limits: PeerLimits,
-                 info: Callable[[], pb.PeerInfo], coordinator_only: CoordinatorOnly) -> None:
-        """`coordinator_only`: the check every training call passes first (`tsotsa.peer.roles`)."""
+                 info: Callable[[], pb.PeerInfo], coordinator_only: CoordinatorOnly,
+                 registry: CollectorRegistry | None = None) -> None:
+        """`coordinator_only`: the check every training call passes first (`tsotsa.peer.roles`); `registry`:
+        where the peer's metrics go (the one its /metrics page serves; default a registry of its own)."""
         self.span, self._info, self.coordinator_only = span, info, coordinator_only
         self.open_timeout = limits.open_timeout
         self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout)
         self.accepting = True
         self.adapters = Adapters(span)
+        self.metrics = PeerMetrics(
+            registry if registry is not None else CollectorRegistry(), open_sessions=lambda: self.sessions.open_count,
+            max_sessions=limits.max_sessions, cache_bytes_used=lambda: self.sessions.reserved_bytes,
+            cache_bytes_budget=limits.max_cache_bytes, adapters=lambda: self.adapters.names)
         self.checker = RequestChecker(model_id, span.config, num_model_blocks, span.span, limits.max_forward_tokens)
         self.runtime = Runtime()
-        self.training = TrainingService(span, self.adapters, self.checker, self.runtime)
+        self.training = TrainingService(span, self.adapters, self.checker, self.runtime, self.metrics)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -66,6 +76,8 @@ class PeerService(pb_grpc.PeerServicer):
         mask = self.checker.mask(request, batch, length)
         positions = self.checker.positions(request, batch, length, mask)
         output = self._compute(request.adapter, hidden, mask, positions, None, request.start_block, request.end_block)
+        self.metrics.forward_calls.inc()
+        self.metrics.tokens.inc(batch * length)
         return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
 
     def Inference(self, requests: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
@@ -88,7 +100,11 @@ class PeerService(pb_grpc.PeerServicer):
                     if session is None or request.session_id != session.session_id:
                         raise self.sessions.refusal(request.session_id)
                     self.sessions.touch(session)
-                    output = self._step(session, request.step)
+                    began = time.perf_counter()
+                    output, tokens = self._step(session, request.step)
+                    self.metrics.step_latency.observe(time.perf_counter() - began)
+                    self.metrics.steps.inc()
+                    self.metrics.tokens.inc(tokens)
                     yield pb.InferenceResponse(session_id=session.session_id, hidden_states=output,
                                                cache_length=session.length)
                 else:
@@ -186,8 +202,9 @@ class PeerService(pb_grpc.PeerServicer):
         self.sessions.open(session)
         return session
 
-    def _step(self, session: Session, step: pb.InferenceStep) -> pb.Tensor:
-        """One step of a session that `touch` just found open; nothing changes unless the step is valid."""
+    def _step(self, session: Session, step: pb.InferenceStep) -> tuple[pb.Tensor, int]:
+        """One step of a session that `touch` just found open, and the token positions it computed; nothing
+        changes unless the step is valid."""
         cache = session.cache  # held here: if the session expires while waiting for the lock, this step still ends
 
         def fits(batch: int, length: int) -> None:
@@ -208,4 +225,4 @@ class PeerService(pb_grpc.PeerServicer):
             positions = position_ids_from_mask(mask)[:, -length:]
         output = self._compute(session.adapter, hidden, mask, positions, cache, session.start, session.end)
         session.attention_mask = mask
-        return encode(output, hidden.dtype)
+        return encode(output, hidden.dtype), batch * length

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from tsotsa.codec import FLOAT_DTYPES, encode
+from tsotsa.metrics import PeerMetrics
 from tsotsa.spans import BlockSpan
 from tsotsa.training.lora import LLAMA_LINEARS, check_run_name, lora_from_spec, optimizer_from_spec
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -33,8 +34,10 @@ MAX_DETAILS = 1024  # characters of a refusal that quotes the request: a status'
 class TrainingService:
     """The fine-tuning runs open on this peer (`runs`, by name) and the RPCs that drive them."""
 
-    def __init__(self, span: BlockSpan, adapters: Adapters, checker: RequestChecker, runtime: Runtime) -> None:
-        self.span, self.adapters, self.checker, self.runtime = span, adapters, checker, runtime
+    def __init__(self, span: BlockSpan, adapters: Adapters, checker: RequestChecker, runtime: Runtime,
+                 metrics: PeerMetrics) -> None:
+        """`metrics`: the peer's, where the micro-batches computed are counted."""
+        self.span, self.adapters, self.checker, self.runtime, self.metrics = span, adapters, checker, runtime, metrics
         self.runs: dict[str, TrainingRun] = {}
 
     @refusals("OpenTraining")
@@ -91,6 +94,7 @@ class TrainingService:
             return run.forward(request.micro_batch, hidden, mask, not request.no_input_grad).to("cpu", hidden.dtype)
 
         output = self.runtime.run(forward)
+        self.metrics.train_micro_batches.labels("forward").inc()
         return pb.ForwardResponse(hidden_states=encode(output, hidden.dtype))
 
     @refusals("TrainBackward")
@@ -111,6 +115,7 @@ class TrainingService:
             return None if grad_input is None else grad_input.to("cpu", grad.dtype)
 
         grad_input = self.runtime.run(backward)
+        self.metrics.train_micro_batches.labels("backward").inc()
         return pb.TrainBackwardResponse(grad_input=encode(grad_input, grad.dtype) if grad_input is not None else None)
 
     @refusals("Step")

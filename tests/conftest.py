@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,3 +79,14 @@ def swarm_fixture(spans: list[str | None], *peer_args: str):
         swarm.stop()
 
     return swarm
+
+
+def finish(client, name: str, timeout: float = 300.0, poll: float = 0.5):
+    """Waits (bounded) for the fine-tuning run `name` to end (`client`: a CoordinatorClient); it must have
+    finished. Returns its RunInfo."""
+    deadline = time.monotonic() + timeout
+    while (info := client.run(name)).state not in ("finished", "failed", "stopped"):
+        assert time.monotonic() < deadline, f"run {name} still {info.state} ({info.message}) after {timeout:g} s"
+        time.sleep(poll)
+    assert info.state == "finished", info.message
+    return info

@@ -51,13 +51,31 @@ def peft_model(base_dir: Path, *, r: int, alpha: float, dropout: float, target_m
     return model
 
 
+# Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py), the rule docs/training.md states.
+ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                     "{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_WITHOUT_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def examples(data: Path, tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row: EOS appended; a prompt row learns only its completion, which is
-    tokenized without BOS; a text row learns every token."""
+    tokenized without BOS; a text row learns every token; an Alpaca row is a prompt row of Alpaca's prompt
+    and its output; a chat row (OpenAI "messages" or ShareGPT "conversations") is `chat_tokens`."""
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     eos = [tokenizer.eos_token_id]
     out = []
     for row in rows:
+        if "messages" in row or "conversations" in row:
+            turns = row.get("messages") or [{"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]}
+                                            for turn in row["conversations"]]
+            out.append(chat_tokens(turns, tokenizer))
+            continue
+        if "instruction" in row:
+            template = ALPACA_WITH_INPUT if row.get("input") else ALPACA_WITHOUT_INPUT
+            row = {"prompt": template.format(**{"input": "", **row}), "completion": row["output"]}
         if "text" in row:
             ids = tokenizer(row["text"]).input_ids + eos
             out.append((ids, ids))
@@ -67,6 +85,27 @@ def examples(data: Path, tokenizer, seq_len: int) -> list[tuple[list[int], list[
             out.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
     assert all(len(ids) <= seq_len for ids, _ in out)
     return out
+
+
+def chat_tokens(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """A conversation under Llama-2-chat's template, found by characters rather than by rendering prefixes:
+    the template's text of the whole conversation, tokenized with offsets; the labels are the tokens that lie
+    in the text the template writes for an assistant turn, " " + content.strip() + " " + EOS."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, cursor = [], 0
+    for message in messages:
+        if message["role"] == "assistant":
+            piece = f" {message['content'].strip()} {tokenizer.eos_token}"
+            start = text.index(piece, cursor)
+            spans.append((start, start + len(piece)))
+            cursor = start + len(piece)
+    labels = []
+    for token, (first, last) in zip(encoded.input_ids, encoded.offset_mapping):
+        inside = any(start <= first and last <= end for start, end in spans)
+        assert inside or not any(first < end and start < last for start, end in spans), "a token straddles a turn"
+        labels.append(token if inside else IGNORE_INDEX)
+    return list(encoded.input_ids), labels
 
 
 def batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -112,10 +112,11 @@ def call(channel: grpc.Channel, method: MethodDescriptor, metadata) -> None:
 def test_the_protocol_has_the_rpcs_this_module_calls() -> None:
     """The enumeration below is not empty by accident, and every service has an address to call it at."""
     assert set(SERVICES) == {"Coordinator", "Peer"}
-    assert len(RPCS) >= 20 and {"Forward", "Inference", "Fetch", "CreateRun", "WatchRun", "Step"} <= {
+    assert len(RPCS) >= 20 and {"Forward", "Inference", "Fetch", "UploadData", "CreateRun", "WatchRun", "Step"} <= {
         method.name for method in RPCS}
     kinds = {(method.client_streaming, method.server_streaming) for method in RPCS}
-    assert {(False, False), (False, True), (True, True)} <= kinds  # unary, server-streaming and bidirectional
+    # unary, server-streaming, client-streaming (UploadData) and bidirectional
+    assert {(False, False), (False, True), (True, False), (True, True)} <= kinds
 
 
 @pytest.mark.parametrize("method", RPCS, ids=[f"{m.containing_service.name}.{m.name}" for m in RPCS])

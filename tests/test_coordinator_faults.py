@@ -547,8 +547,13 @@ def test_streams_are_capped_below_the_workers_and_get_model_info_still_answers(c
         with pytest.raises(grpc.RpcError) as refused:
             next(extra)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused.value.details() == (f"the coordinator already serves {MAX_STREAMS} streams (Fetch, WatchRun), "
-                                           "its limit; WatchRun was refused: try again when one ends")
+        assert refused.value.details() == (f"the coordinator already serves {MAX_STREAMS} streams (Fetch, WatchRun, "
+                                           "UploadData), its limit; WatchRun was refused: try again when one ends")
+        with pytest.raises(grpc.RpcError) as refused:
+            coordinator.stub.UploadData(iter([pb.DataChunk(name="d", total_bytes=1, data=b"x")]),
+                                        metadata=((ADMIN_METADATA, ADMIN),), timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "UploadData was refused" in \
+            refused.value.details()
         with pytest.raises(grpc.RpcError) as refused:
             list(coordinator.stub.Fetch(fetch, timeout=WAIT))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "Fetch was refused" in \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def test_wrong_columns_are_listed(tmp_path, columns):
 
 def test_text_and_prompt_columns_together_are_ambiguous(tmp_path):
     path = save(tmp_path / "ds", {"text": ["t"], "prompt": ["p"], "completion": ["c"]})
-    with pytest.raises(DatasetDirError, match='both a "text" column and "prompt"/"completion"'):
+    with pytest.raises(DatasetDirError, match='has columns of two formats, "text" and "prompt"/"completion"; keep one'):
         jsonl_from_dataset_dir(path)
 
 
@@ -147,41 +148,88 @@ def test_output_passes_the_coordinators_parser(tmp_path):
 
 
 class _RecordingStub:
-    """Stands in for the coordinator: keeps the CreateRun request instead of sending it."""
+    """Stands in for the coordinator: keeps the uploads and the CreateRun request instead of sending them."""
 
     def __init__(self) -> None:
         self.requests: list[pb.CreateRunRequest] = []
+        self.uploads: dict[str, tuple[str, bytes]] = {}
 
-    def CreateRun(self, request, timeout=None, metadata=None):  # noqa: N802 (the gRPC method's name)
+    def UploadData(self, chunks, timeout=None, metadata=None):  # noqa: N802 (the gRPC method's name)
+        chunks = list(chunks)
+        data = b"".join(chunk.data for chunk in chunks)
+        assert chunks[0].total_bytes == len(data) and chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+        upload_id = f"upload-{len(self.uploads)}"
+        self.uploads[upload_id] = (chunks[0].name, data)
+        return pb.DataUpload(upload_id=upload_id, total_bytes=len(data), sha256=chunks[-1].sha256)
+
+    def CreateRun(self, request, timeout=None, metadata=None):  # noqa: N802
         self.requests.append(request)
         return pb.RunInfo(name=request.name)
 
 
-def create(train: Path, eval: Path | None) -> pb.CreateRunRequest:
+def create(train: Path, eval: Path | None) -> tuple[pb.CreateRunRequest, dict[str, tuple[str, bytes]]]:
+    """The CreateRun request the client sends, and its uploads by id: (name, bytes)."""
     with CoordinatorClient("127.0.0.1:1", admin_token="secret") as client:  # the channel is never used
         client._stub = stub = _RecordingStub()
         client.create_run("run", pb.RunConfig(), train, eval)
-    return stub.requests[0]
+    return stub.requests[0], stub.uploads
 
 
 def test_runs_client_sends_directories_as_jsonl(tmp_path):
     data = save_dict(tmp_path / "my-data", {"train": {"text": ["t1", "t2"]}, "validation": {"text": ["v"]},
                                             "test": {"text": ["x"]}})
-    request = create(data, data)
+    request, uploads = create(data, data)
     assert request.train_name == "my-data" and request.eval_name == "my-data"
-    assert lines(request.train_data) == [{"text": "t1"}, {"text": "t2"}]
-    assert lines(request.eval_data) == [{"text": "v"}]  # validation before test
-    assert parse_jsonl(request.train_data, request.train_name) and parse_jsonl(request.eval_data, request.eval_name)
+    assert not request.train_data and not request.eval_data  # uploaded, not inline
+    train_name, train = uploads[request.train_upload]
+    eval_name, evaluation = uploads[request.eval_upload]
+    assert (train_name, eval_name) == ("my-data", "my-data")
+    assert lines(train) == [{"text": "t1"}, {"text": "t2"}]
+    assert lines(evaluation) == [{"text": "v"}]  # validation before test
+    assert parse_jsonl(train, train_name) and parse_jsonl(evaluation, eval_name)
 
 
 def test_runs_client_keeps_files_as_they_are(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_bytes(b'{"text": "raw bytes, sent unchanged"}\n')
     single = save(tmp_path / "evalset", {"prompt": ["p"], "completion": ["c"]})
-    request = create(train, single)
-    assert (request.train_name, request.train_data) == ("train.jsonl", train.read_bytes())
-    assert (request.eval_name, lines(request.eval_data)) == ("evalset", [{"prompt": "p", "completion": "c"}])
-    assert create(train, None).eval_data == b""
+    request, uploads = create(train, single)
+    assert (request.train_name, uploads[request.train_upload]) == ("train.jsonl", ("train.jsonl", train.read_bytes()))
+    assert request.eval_name == "evalset" and lines(uploads[request.eval_upload][1]) == [{"prompt": "p",
+                                                                                           "completion": "c"}]
+    request, uploads = create(train, None)
+    assert request.eval_upload == "" and len(uploads) == 1
+    request, uploads = create(train, train)  # the same file for both: uploaded once
+    assert request.train_upload == request.eval_upload and len(uploads) == 1
+
+
+def test_chat_and_alpaca_columns(tmp_path):
+    chats = save(tmp_path / "chats", {"messages": [[{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "ho"}]], "id": [1]})
+    assert lines(jsonl_from_dataset_dir(chats)) == [{"messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": "ho"}]}]
+    shared = save(tmp_path / "sharegpt", {"conversations": [[{"from": "human", "value": "a"},
+                                                             {"from": "gpt", "value": "b"}]]})
+    assert parse_jsonl(jsonl_from_dataset_dir(shared), "s")[0].fields["messages"][1] == {"role": "assistant",
+                                                                                       "content": "b"}
+    alpaca = save(tmp_path / "alpaca", {"instruction": ["i1", "i2"], "input": ["x", None], "output": ["o1", "o2"]})
+    assert lines(jsonl_from_dataset_dir(alpaca)) == [{"instruction": "i1", "input": "x", "output": "o1"},
+                                                     {"instruction": "i2", "output": "o2"}]
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}], None]},
+     r'row 1: "messages" must be a list, got null'),
+    ({"messages": [[{"role": "user", "content": "hi"}]]}, r'row 0: "messages" has no assistant turn'),
+    ({"conversations": [[{"from": "bot", "value": "x"}]]}, r"row 0: conversations\[0\]: \"from\" 'bot' is not"),
+    ({"instruction": ["i"], "output": [""]}, r'row 0: "output" is empty'),
+    ({"instruction": ["i"], "input": ["x"]}, r'needs the columns of one format: .*it has: instruction, input$'),
+    ({"messages": [[]], "instruction": ["i"], "output": ["o"]},
+     r'has columns of two formats, "messages" and "instruction"/"input"/"output"'),
+])
+def test_bad_chat_and_alpaca_rows_name_the_row(tmp_path, columns, message):
+    with pytest.raises(DatasetDirError, match=message):
+        jsonl_from_dataset_dir(save(tmp_path / "ds", columns))
 
 
 def test_runs_client_eval_directory_without_eval_split(tmp_path):

@@ -26,7 +26,7 @@ from tsotsa.training.lora import LoraSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
-from conftest import cli, connect, start_swarm
+from conftest import cli, connect, finish, start_swarm
 from finetune_oracle import batch, eval_loss, examples, stream, train_locally, write_color_task
 
 ADMIN = "admin-secret"
@@ -57,16 +57,6 @@ def run_config(**overrides) -> pb.RunConfig:
                   lora_r=SETTINGS.r, lora_alpha=SETTINGS.alpha, target_modules=list(SETTINGS.target_modules),
                   lr=LR, seed=SETTINGS.seed)
     return pb.RunConfig(**{**fields, **overrides})
-
-
-def finish(client: CoordinatorClient, name: str, timeout: float = 300.0) -> pb.RunInfo:
-    """Waits (bounded) for the run to end; it must have finished."""
-    deadline = time.monotonic() + timeout
-    while (info := client.run(name)).state not in ("finished", "failed", "stopped"):
-        assert time.monotonic() < deadline, f"run {name} still {info.state} ({info.message}) after {timeout:g} s"
-        time.sleep(0.5)
-    assert info.state == "finished", info.message
-    return info
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ a few MiB of unknown field, or a well-typed message built from the input type's 
 typed ones start, half the time, from a valid request of the RPC with one field given a wrong value (the
 model id, a block range, a tensor's dtype, shape, bytes or codec, a zlib bomb of 512 MiB in half a MiB, a
 LoRA setting, a run's config...), which reaches the checks deep inside the services; the other half are built
-field by field. Most calls carry the swarm token (and, for CreateRun and StopRun, the admin token; for a
+field by field. Most calls carry the swarm token (and, for UploadData, CreateRun and StopRun, the admin token; for a
 peer's training RPCs, the coordinator's credential for the run they name, signed with its key as the
 coordinator does); the rest carry none or a wrong one and must be refused as UNAUTHENTICATED
 (PERMISSION_DENIED for a missing admin token or run credential).
@@ -29,6 +29,7 @@ config and the name. One real run (1 round of 1 step) is created by the fixture 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import zlib
@@ -229,7 +230,7 @@ def judge(method: MethodDescriptor, outcome: Outcome, auth: str, admin: str, sig
     return f"{outcome.code.name}: {outcome.details[:500]}"
 
 
-ADMIN_RPCS = {"CreateRun", "StopRun"}
+ADMIN_RPCS = {"UploadData", "CreateRun", "StopRun"}
 
 
 # --------------------------------------------------------------------------------------- strategies
@@ -490,6 +491,9 @@ def templates(method: str, ctx: Context) -> list[Message] | list[list[Message]]:
         # never starts a run: the last line of its data is not UTF-8 (the config and the name are checked first)
         "CreateRun": lambda: [pb.CreateRunRequest(name="fuzz-new", config=_config(), train_name="train.jsonl",
                                                   train_data=jsonl + b"\xff\n", eval_data=jsonl)],
+        # valid streams: one chunk, and two (name and size first, sha256 last); each leaves an upload kept
+        # until the coordinator's cap on pending uploads drops the oldest
+        "UploadData": lambda: [_upload(jsonl * 3, 1 << 20), _upload(jsonl * 3, len(jsonl))],
         "StopRun": lambda: [pb.RunRequest(name=FINISHED)],
         "GetRun": lambda: [pb.RunRequest(name=FINISHED)],
         "ListRuns": lambda: [pb.ListRunsRequest()],
@@ -497,6 +501,14 @@ def templates(method: str, ctx: Context) -> list[Message] | list[list[Message]]:
         "CoordinatorGetAdapter": lambda: [pb.AdapterRequest(run=FINISHED, start_block=1, end_block=3)],
     }
     return valid[method]() if method in valid else []
+
+
+def _upload(data: bytes, chunk: int) -> list[pb.DataChunk]:
+    """A valid UploadData stream of DATA in chunks of CHUNK bytes."""
+    chunks = [pb.DataChunk(data=data[first:first + chunk]) for first in range(0, len(data), chunk)]
+    chunks[0].name, chunks[0].total_bytes = "fuzz.jsonl", len(data)
+    chunks[-1].sha256 = hashlib.sha256(data).hexdigest()
+    return chunks
 
 
 def never_starts_a_run(data: bytes) -> bytes:

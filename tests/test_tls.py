@@ -191,3 +191,33 @@ def test_tls_init_and_issue_refuse_to_overwrite(lab) -> None:
     assert again.returncode == 1
     assert again.stderr.strip() == f"error: {lab / 'machine.key'} already exists; refusing to overwrite it"
     assert {path.name: path.read_bytes() for path in lab.iterdir()} == before
+
+
+def test_the_http_api_speaks_https_with_the_lab_certificate(swarm, lab, two_blocks) -> None:
+    """`tsotsa serve` in a TLS swarm: HTTPS with the machine's certificate, the official client trusting the
+    lab CA gets the same greedy text as transformers; a plain-HTTP request gets no answer."""
+    import httpx2 as httpx  # the openai package's own HTTP client
+    import openai
+    import torch
+
+    from tsotsa.local_swarm import HTTP_READY, ManagedProcess
+
+    serve = ManagedProcess("serve", [*cli("tsotsa"), "serve", "--coordinator", swarm.coordinator_address,
+                                     "--port", "0"], {"TSOTSA_TOKEN": TOKEN, **tls_env(lab)})
+    try:
+        url = serve.wait_for(HTTP_READY).group(1)
+        assert url.startswith("https://")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=60,
+                               http_client=httpx.Client(verify=str(lab / "ca.crt")))
+        name = client.models.list().data[0].id
+        text = client.completions.create(model=name, prompt=[1, 5, 9, 33], max_tokens=6, temperature=0).choices[0].text
+        reference = LlamaForCausalLM.from_pretrained(two_blocks).eval().generate(
+            torch.tensor([[1, 5, 9, 33]]), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=6,
+            do_sample=False)
+        from transformers import AutoTokenizer
+
+        assert text == AutoTokenizer.from_pretrained(two_blocks).decode(reference[0, 4:], skip_special_tokens=True)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://") + "/v1/models", timeout=10)
+    finally:
+        serve.terminate()

@@ -60,7 +60,8 @@ def test_prompt_tokens_are_masked_exactly(tmp_path: Path, tokenizer) -> None:
     (jsonl({"text": "a"}, {"text": "b"}) + b'\n{"text": "caf\xe9"}', r"^d line 3: not valid UTF-8"),
     (jsonl({"text": "a"}) + b'\n{"text": "b",}', r"^d line 2: invalid JSON: .*\(column \d+\)"),
     (b'["text"]', r"^d line 1: expected a JSON object, got list"),
-    (jsonl({"text": "a"}, {"txt": "b"}), r'^d line 2: needs "text", or "prompt" and "completion"'),
+    (jsonl({"text": "a"}, {"txt": "b"}), r'^d line 2: needs "text", "prompt" and "completion", "messages", '
+                                         r'"conversations", or "instruction" and "output"$'),
     (jsonl({"prompt": "a"}), r'^d line 1: "completion" is missing'),
     (jsonl({"completion": "a"}), r'^d line 1: "prompt" is missing'),
     (jsonl({"text": 3}), r'^d line 1: "text" must be a string, got int'),

@@ -24,7 +24,8 @@ from tsotsa.errors import CheckpointError
 
 HEAD_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")  # what clients and the coordinator hold
 BLOCKS_PREFIX = "model.layers."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")  # transformers 5 writes a chat template to its own file
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from tsotsa.console import CoordinatorAddress, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls, parse_dtype, run_command
+from tsotsa.console import (CoordinatorAddress, LogFormat, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls, parse_dtype,
+                            run_command, setup_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tsotsa: Llama inference across a swarm.")
 
@@ -25,6 +26,7 @@ def make_tiny_model_command(
     seed: int = typer.Option(0, help="Seed of the random weights."),
     shard_size: str = typer.Option(None, help="Shard the safetensors files, e.g. 200KB or 2GB."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    chat_template: str = typer.Option(None, help="Give the tokenizer a chat template: llama-2 (Llama-2-chat's)."),
 ) -> None:
     """Write a random-weight Llama in the Hugging Face layout (config, safetensors, tokenizer)."""
 
@@ -37,7 +39,7 @@ def make_tiny_model_command(
             raise ValueError(f"--hidden {hidden} is not a multiple of --heads {heads}")
         path = make_tiny_model(out_dir, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
                                intermediate=intermediate, vocab=vocab, seed=seed, shard_size=shard_size,
-                               dtype=parse_dtype(dtype))
+                               dtype=parse_dtype(dtype), chat_template=chat_template)
         print(f"wrote a {layers}-block Llama (hidden {hidden}) to {path}")
 
     run_command(body)
@@ -147,6 +149,65 @@ def status(
             print(json.dumps(swarm_map_json(swarm_map)))
         else:
             print_swarm_map(swarm_map)
+
+    run_command(body)
+
+
+@app.command()
+def serve(
+    coordinator: CoordinatorAddress = ...,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="HTTP port (0 picks a free one)."),
+    served_model_name: str = typer.Option(None, help="The base model's name in /v1/models (default: its model id)."),
+    workers: int = typer.Option(16, min=1, max=256, help="Generations run at once; more requests wait."),
+    verify_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
+                                          help="Spot-check peers (docs/security.md); only checked tokens are sent."),
+    token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    log_format: LogFormat = "text",
+) -> None:
+    """Serve the swarm over HTTP: an OpenAI-compatible API (/v1), the dashboard (/) and /metrics."""
+
+    def body() -> None:
+        say = setup_logging(log_format, "tsotsa.serve")
+        tls = load_tls(tls_cert, tls_key, tls_ca)
+        from tsotsa.api.server import HttpOptions, serve_http
+
+        serve_http(HttpOptions(coordinator=coordinator, host=host, port=port, token=token, tls=tls,
+                               served_name=served_model_name, workers=workers, verify_fraction=verify_fraction),
+                   announce=say)
+
+    run_command(body)
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", help="A checkpoint directory, its config.json, or llama-2-7b, "
+                                                  "llama-2-13b, llama-2-70b."),
+    machines: str = typer.Option(..., "--machines", help="Each machine's memory (GPU memory for GPU peers), "
+                                                        "e.g. 8x16GiB,2x24GiB."),
+    quant: str = typer.Option("none", help="none, nf4 or int8, as the peers will run."),
+    dtype: str = typer.Option("float32", help="The peers' --dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("cuda", help="The peers' --device, cpu or cuda (NF4 statistics differ)."),
+    max_length: int = typer.Option(None, min=1, help="Tokens of one session, prompt and output (default: the "
+                                                     "model's maximum)."),
+    sessions: int = typer.Option(1, min=1, help="Sessions of --max-length every peer must hold at once (raises "
+                                                "its --cache-mib where needed)."),
+    cache_mib: int = typer.Option(2048, min=0, help="The peers' KV-cache budget (tsotsa-peer --cache-mib)."),
+    reserve: str = typer.Option("1GiB", help="Memory the OS and runtime keep on each machine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
+) -> None:
+    """How the model's blocks fit on the machines: bytes per block, head, KV cache, the span each machine takes."""
+
+    def body() -> None:
+        from tsotsa.plan import format_plan, parse_machines, parse_size, plan_json, plan_swarm
+
+        result = plan_swarm(model, quant, parse_dtype(dtype), parse_machines(machines), max_length=max_length,
+                            sessions=sessions, reserve_bytes=parse_size(reserve), cache_bytes=cache_mib << 20,
+                            device=device)
+        print(plan_json(result) if as_json else format_plan(result))
 
     run_command(body)
 

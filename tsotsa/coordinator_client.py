@@ -26,6 +26,8 @@ RPC_TIMEOUT = 30.0
 FETCH_TIMEOUT = 600.0
 FETCH_BUSY_WAIT = 120.0  # seconds a fetch waits for a free stream on a busy coordinator
 ADAPTER_TIMEOUT = 120.0
+UPLOAD_TIMEOUT = 3600.0  # seconds one data upload may take (a GiB over a slow link)
+UPLOAD_CHUNK_BYTES = 1 << 20  # the most a DataChunk may carry (coordinator/uploads.py)
 # Waiting for a coordinator that is not up yet: the pause between tries doubles up to this, and a line
 # saying what is awaited is printed at most this often.
 WAIT_BACKOFF_MAX = 8.0
@@ -158,12 +160,33 @@ class CoordinatorClient:
 
     def create_run(self, name: str, config: pb.RunConfig, train: Path, eval: Path | None) -> pb.RunInfo:
         """Launches run NAME on TRAIN (and EVAL): JSONL files, or `datasets` directories (`save_to_disk`) sent
-        as JSONL; everything is read before any call."""
-        train_name, train_data = _load(train, "training data", ("train",))
-        eval_name, eval_data = _load(eval, "evaluation data", _EVAL_SPLITS) if eval is not None else ("", b"")
+        as JSONL. Both are checked (and directories converted) before any call; each is then uploaded in chunks
+        (`upload_data`; one upload when both are the same file) and the run created on the uploads."""
+        train_name, train_source = _load(train, "training data", ("train",))
+        eval_name, eval_source = _load(eval, "evaluation data", _EVAL_SPLITS) if eval is not None else ("", None)
+        train_upload = self.upload_data(train_name, train_source).upload_id
+        if eval_source is None:
+            eval_upload = ""
+        elif eval_source == train_source:
+            eval_upload = train_upload
+        else:
+            eval_upload = self.upload_data(eval_name, eval_source).upload_id
         return self._call("CreateRun", pb.CreateRunRequest(name=name, config=config, train_name=train_name,
-                                                           train_data=train_data, eval_name=eval_name,
-                                                           eval_data=eval_data), admin=True)
+                                                           train_upload=train_upload, eval_name=eval_name,
+                                                           eval_upload=eval_upload), admin=True)
+
+    def upload_data(self, name: str, source: bytes | Path) -> pb.DataUpload:
+        """Streams SOURCE (bytes, or a file read a chunk at a time, so memory stays one chunk whatever its size)
+        to the coordinator's UploadData: chunks of at most UPLOAD_CHUNK_BYTES, the first with NAME and the
+        size, the last with the sha256. Returns the coordinator's receipt, checked to be of these bytes."""
+        size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+        digest = hashlib.sha256()
+        reply = self._call("UploadData", _data_chunks(name, size, source, digest), admin=True,
+                           timeout=max(self.timeout, UPLOAD_TIMEOUT))
+        if (reply.total_bytes, reply.sha256) != (size, digest.hexdigest()):
+            raise SwarmError(f"coordinator at {self.address} acknowledged an upload of {name} that is not the one "
+                             f"sent ({reply.total_bytes} bytes, sha256 {reply.sha256[:16]}...)")
+        return reply
 
     def stop_run(self, name: str) -> pb.RunInfo:
         return self._call("StopRun", pb.RunRequest(name=name), admin=True)
@@ -189,9 +212,35 @@ class CoordinatorClient:
                 call.cancel()
 
 
-def _read(path: Path, what: str) -> bytes:
+def _data_chunks(name: str, size: int, source: bytes | Path, digest) -> Iterator[pb.DataChunk]:
+    """The DataChunks of SIZE bytes of SOURCE, hashing them into DIGEST as they go. A file that shrinks
+    while it is read ends the stream early, which the coordinator refuses as truncated."""
+    handle = None if isinstance(source, bytes) else open(source, "rb")
     try:
-        return Path(path).read_bytes()
+        sent, first = 0, True
+        while True:
+            want = min(UPLOAD_CHUNK_BYTES, size - sent)
+            piece = source[sent:sent + want] if handle is None else handle.read(want)
+            if len(piece) < want:
+                return
+            digest.update(piece)
+            sent += len(piece)
+            last = sent == size
+            yield pb.DataChunk(name=name if first else "", total_bytes=size if first else 0, data=piece,
+                               sha256=digest.hexdigest() if last else "")
+            if last:
+                return
+            first = False
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _readable(path: Path, what: str) -> Path:
+    """PATH, once it is known to be a file this process can read (so a wrong path fails before any upload)."""
+    try:
+        with open(path, "rb"):
+            return Path(path).resolve()
     except FileNotFoundError:
         raise TsotsaError(f"{what} file {path} does not exist") from None
     except IsADirectoryError:
@@ -204,11 +253,12 @@ def _read(path: Path, what: str) -> bytes:
 _EVAL_SPLITS = ("validation", "test")
 
 
-def _load(path: Path, what: str, splits: tuple[str, ...]) -> tuple[str, bytes]:
-    """(name for the coordinator's messages, JSONL bytes) of a JSONL file or a `datasets` directory."""
+def _load(path: Path, what: str, splits: tuple[str, ...]) -> tuple[str, bytes | Path]:
+    """(name for the coordinator's messages, what to upload) of a JSONL file (its resolved path, read only
+    while uploading) or a `datasets` directory (converted to JSONL bytes here)."""
     path = Path(path)
     if not path.is_dir():
-        return path.name, _read(path, what)
+        return path.name, _readable(path, what)
     from tsotsa.training.datasets_dir import DatasetDirError, jsonl_from_dataset_dir
 
     try:

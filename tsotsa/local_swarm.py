@@ -26,6 +26,7 @@ from tsotsa.tls import TlsSettings
 COORDINATOR_COMMAND = [sys.executable, "-m", "tsotsa.coordinator"]
 PEER_COMMAND = [sys.executable, "-m", "tsotsa.peer"]
 COORDINATOR_READY = re.compile(r"coordinator of (\S+) .* at (\S+); DHT (.+)$")
+HTTP_READY = re.compile(r"HTTP API at (https?://\S+)/v1")
 PEER_READY = re.compile(r"serving blocks (\d+):(\d+) of (\S+) at (\S+) as (\S+) .*; DHT (.+)$")
 
 
@@ -119,7 +120,9 @@ class LocalSwarm:
     admin_token: str | None = None  # given to the coordinator as TSOTSA_ADMIN_TOKEN
     tls: TlsSettings | None = None  # every process's TLS files, as TSOTSA_TLS_*: the whole swarm speaks mutual TLS
     state_dir: Path | None = None  # the coordinator's (runs, SQLite, DHT identity); default: a fresh temp dir
+    http: bool = False  # the coordinator also serves the HTTP API (--http-port 0); its base URL in `http_url`
     coordinator_address: str = ""
+    http_url: str = ""
     model_id: str = ""
     initial_peers: list[str] = field(default_factory=list)
     peers: list[LocalPeer] = field(default_factory=list)
@@ -140,10 +143,12 @@ class LocalSwarm:
         env = {**self._env(), **({"TSOTSA_ADMIN_TOKEN": self.admin_token} if self.admin_token else {})}
         self.coordinator = ManagedProcess("coordinator", [
             *COORDINATOR_COMMAND, "up", "--model", str(self.model_dir), "--port", port, "--dht-port", dht_port,
-            "--state-dir", str(self.state_dir)], env)
+            "--state-dir", str(self.state_dir), *(["--http-port", "0"] if self.http else [])], env)
         match = self.coordinator.wait_for(COORDINATOR_READY)
         self.model_id, self.coordinator_address = match.group(1), match.group(2)
         self.initial_peers = match.group(3).split()
+        if self.http:
+            self.http_url = self.coordinator.wait_for(HTTP_READY).group(1)
         return self.coordinator_address
 
     def kill_coordinator(self) -> None:

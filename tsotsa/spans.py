@@ -94,9 +94,23 @@ class BlockSpan(nn.Module):
 
     @property
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters()) + sum(
-            b.numel() * b.element_size() for b in self.buffers()
-        )
+        """Bytes of the span's weights as held: parameters, buffers (the rotary tables) and the quantization
+        state bitsandbytes keeps beside packed weights (NF4 absmax and code, int8 row scales), which torch
+        does not count among the parameters (`tsotsa plan` predicts this figure)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        for module in self.modules():
+            weight = getattr(module, "weight", None)
+            state = getattr(weight, "quant_state", None)
+            while state is not None:  # a nested (double-quantized) state keeps its own absmax and code
+                tensors += [t for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
+                state = state.state2 if getattr(state, "nested", False) else None
+            # int8 row scales: on the weight until the first forward, which moves them to the layer's state
+            scales = getattr(weight, "SCB", None)
+            if scales is None:
+                scales = getattr(getattr(module, "state", None), "SCB", None)
+            if isinstance(scales, torch.Tensor):
+                tensors.append(scales)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)

@@ -15,6 +15,24 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
+# Llama-2-chat's own template, as meta-llama/Llama-2-7b-chat-hf ships it in tokenizer_config.json: the
+# checkpoints' chat path (the HTTP API's /v1/chat/completions, chat training data) is tested on it.
+CHAT_TEMPLATES = {
+    "llama-2": (
+        "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+        "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+        "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if loop.index0 == 0 and system_message != false %}"
+        "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+        "{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
 _CORPUS = """\
 The swarm pools ordinary lab machines so that together they can serve a large language model.
 Every machine hosts a span of transformer blocks and keeps the attention cache of its sessions.
@@ -68,11 +86,17 @@ def make_tiny_model(
     shard_size: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    chat_template: str | None = None,
 ) -> Path:
-    """Writes config.json, model safetensors (sharded when `shard_size` is given) and tokenizer files."""
+    """Writes config.json, model safetensors (sharded when `shard_size` is given) and tokenizer files;
+    `chat_template`: a name in `CHAT_TEMPLATES` whose template the tokenizer files carry."""
+    if chat_template is not None and chat_template not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {chat_template!r}; known: {', '.join(CHAT_TEMPLATES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(vocab)
+    if chat_template is not None:
+        tokenizer.chat_template = CHAT_TEMPLATES[chat_template]
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,

@@ -21,6 +21,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from tsotsa.checkpoint import HEAD_PREFIXES, TOKENIZER_FILES, Checkpoint
 from tsotsa.client.config import ClientConfig
+from tsotsa.client.logprobs import Logprobs
 from tsotsa.client.session import Failures, InferenceSession, Rewind
 from tsotsa.client.swarm import Swarm
 from tsotsa.codec import decode, encode
@@ -35,7 +36,7 @@ from tsotsa.spans import position_ids_from_mask
 from tsotsa.tls import TlsSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
 
-TokenCallback = Callable[[torch.Tensor], None]
+TokenCallback = Callable[[torch.Tensor], "bool | None"]  # True: end the generation after these tokens
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +184,13 @@ class SwarmModel:
         on_tokens: TokenCallback | None = None,
         adapter: str | None = None,
         return_stats: bool = False,
+        logprobs: Logprobs | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, GenerationStats]:
         """Returns prompt + new tokens [batch, prompt_length + generated], padded like transformers, and with
         `return_stats` this call's `GenerationStats` too. `adapter`: a fine-tuning run's name, applied by every
-        peer of the route."""
+        peer of the route. `on_tokens(tokens)` gets each step's new tokens [batch] as they come and may return
+        True to end the generation there (a stop sequence, a client gone). `logprobs`: filled with the
+        log-probs of the new tokens (and of the prompt's, with `logprobs.prompt`) before `on_tokens` sees them."""
         if input_ids.ndim == 1:
             input_ids = input_ids.unsqueeze(0)
         batch, prompt_length = input_ids.shape
@@ -196,6 +200,8 @@ class SwarmModel:
         warpers = self._warpers(do_sample, temperature, top_k, top_p)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         unfinished = torch.ones(batch, dtype=torch.bool)
+        stopped = False  # on_tokens asked to end here
+        prompt_scored = False  # logprobs of the prompt recorded from the current prefill's output
         verified_only = self.swarm.config.verified_only
         began = time.perf_counter()
         first_token_at = None
@@ -205,7 +211,7 @@ class SwarmModel:
         pending = (self.embed(input_ids), mask, positions)  # the session step still to make, if any
         with self.inference_session(batch, prompt_length + max_new_tokens, adapter) as session:
             while True:
-                finished = produced == max_new_tokens or not unfinished.any()
+                finished = produced == max_new_tokens or not unfinished.any() or stopped
                 try:
                     if pending is not None:
                         hidden = session.step(*pending)
@@ -224,16 +230,24 @@ class SwarmModel:
                     if generator is not None:
                         generator.set_state(generator_states[kept])
                     del generator_states[kept:]
+                    if logprobs is not None:
+                        logprobs.truncate(kept)
+                    prompt_scored = prompt_scored and kept > 0
                     continue
+                if logprobs is not None and not prompt_scored:  # hidden is the prefill's: the whole prompt
+                    logprobs.record_prompt(hidden, input_ids[:, :prompt_length], self.logits)
+                    prompt_scored = True
                 if verified_only and on_tokens is not None:
                     for index in range(delivered, min(produced, session.verified_steps)):
-                        on_tokens(input_ids[:, prompt_length + index])
+                        stopped = bool(on_tokens(input_ids[:, prompt_length + index])) or stopped
                     delivered = max(delivered, min(produced, session.verified_steps))
                 if finished:
                     break
+                if stopped:  # verified_only: asked to stop at a checked token; check the rest, then end
+                    continue
                 generator_states.append(generator.get_state() if generator is not None else None)
-                scores = self.logits(hidden[:, -1]).float().cpu()
-                scores = warpers(input_ids, scores)
+                logits = self.logits(hidden[:, -1]).float().cpu()
+                scores = warpers(input_ids, logits)
                 if do_sample:
                     probs = torch.softmax(scores, dim=-1)
                     next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
@@ -244,11 +258,13 @@ class SwarmModel:
                 mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
                 produced += 1
                 first_token_at = first_token_at or time.perf_counter()
+                if logprobs is not None:
+                    logprobs.record_token(logits, next_tokens)
                 if on_tokens is not None and not verified_only:
-                    on_tokens(next_tokens)
+                    stopped = bool(on_tokens(next_tokens))
                 if eos is not None:
                     unfinished &= next_tokens != eos
-                if produced < max_new_tokens and unfinished.any():
+                if produced < max_new_tokens and unfinished.any() and not stopped:
                     positions = positions[:, -1:] + 1
                     pending = (self.embed(next_tokens[:, None]), None, positions)
             route, checks = session.route, session.checks

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tsotsa.training.chat import chat_example
+from tsotsa.training.formats import Fields
 from tsotsa.training.loss import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -25,10 +27,14 @@ class Example:
     labels: list[int]  # same length as input_ids; IGNORE_INDEX where no loss is taken
 
 
-def tokenize_row(fields: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> Example:
-    """One row, `{"text"}` or `{"prompt", "completion"}`: EOS appended so the model learns to stop; a text
-    row learns every token, a prompt row only its completion (tokenized without BOS, as a continuation).
-    The tokenizer must have an EOS token."""
+def tokenize_row(fields: Fields, tokenizer: PreTrainedTokenizerBase) -> Example:
+    """One row in a canonical shape (tsotsa.training.formats): `{"text"}` or `{"prompt", "completion"}` get
+    EOS appended so the model learns to stop; a text row learns every token, a prompt row only its completion
+    (tokenized without BOS, as a continuation); a `{"messages"}` row is the chat template's rendering,
+    learning its assistant turns (tsotsa.training.chat, which raises ChatTemplateError). The tokenizer must
+    have an EOS token."""
+    if "messages" in fields:
+        return chat_example(fields["messages"], tokenizer)
     eos = tokenizer.eos_token_id
     if "text" in fields:
         input_ids = tokenizer(fields["text"]).input_ids + [eos]

@@ -1,9 +1,11 @@
 """Fine-tuning data from a Hugging Face `datasets` directory (what `save_to_disk` writes), as JSONL bytes.
 
-The coordinator takes JSONL, one `{"text": ...}` or `{"prompt": ..., "completion": ...}` object a line; a
-dataset directory is turned into exactly that on the sending side, keeping only those columns, so that the
-coordinator checks it like any other file. `datasets` is imported only here, when a directory is given: it
-is slow to import, and plain JSONL files never need it.
+The coordinator takes JSONL, one object a line in one of the row formats of tsotsa.training.formats (text,
+prompt/completion, messages, conversations, Alpaca's instruction/input/output); a dataset directory is turned
+into exactly that on the sending side, keeping only the columns of its format, so that the coordinator checks
+it like any other file (each row is checked here too, so a bad one is named by its row before any upload).
+`datasets` is imported only here, when a directory is given: it is slow to import, and plain JSONL files
+never need it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tsotsa.errors import TsotsaError
+from tsotsa.training.formats import FORMAT_KEYS, REQUIRED_KEYS, RowError, canonical_fields, describe
 
 _BATCH_ROWS = 1000
 
@@ -26,8 +29,9 @@ def jsonl_from_dataset_dir(path: Path, split: str | None = None, *,
     """The rows of the dataset saved at PATH as JSONL bytes (UTF-8, one object a line).
 
     A `DatasetDict` directory gives its SPLIT; without one, the first of DEFAULT_SPLITS that it has (a
-    single `Dataset` directory is used whole). Every row must hold strings in a "text" column, or in
-    "prompt" and "completion" columns; other columns are left out.
+    single `Dataset` directory is used whole). Its columns must be those of one row format ("text";
+    "prompt" and "completion"; "messages"; "conversations"; "instruction", "output" and optionally "input"),
+    with valid values in every row; other columns are left out.
     """
     try:
         import datasets
@@ -67,34 +71,47 @@ def _pick_split(path: Path, splits: list[str], split: str | None, default_splits
 
 
 def _to_jsonl(path: Path, dataset) -> bytes:
-    names = list(dataset.column_names)
-    has_text, has_pair = "text" in names, "prompt" in names or "completion" in names
-    if has_text and has_pair:
-        raise DatasetDirError(f'{path}: has both a "text" column and "prompt"/"completion" columns; keep one '
-                              "kind (Dataset.remove_columns)")
-    if has_text:
-        keys = ("text",)
-    elif "prompt" in names and "completion" in names:
-        keys = ("prompt", "completion")
-    else:
-        have = ", ".join(names) or "(none)"
-        raise DatasetDirError(f'{path}: needs a "text" column, or "prompt" and "completion" columns; '
-                              f"it has: {have}")
+    keys = _format_columns(path, list(dataset.column_names))
     if len(dataset) == 0:
         raise DatasetDirError(f"{path}: no rows")
 
     lines = []
     index = 0
     for batch in dataset.select_columns(list(keys)).iter(batch_size=_BATCH_ROWS):
-        columns = [batch[key] for key in keys]
-        for values in zip(*columns):
-            for key, value in zip(keys, values):
-                if not isinstance(value, str):
-                    kind = "null" if value is None else type(value).__name__
-                    raise DatasetDirError(f'{path}: row {index}: "{key}" must be a string, got {kind}')
-            lines.append(json.dumps(dict(zip(keys, values)), ensure_ascii=False))
+        for values in zip(*(batch[key] for key in keys)):
+            # a null "input" is an Alpaca row without one (a column some rows leave empty)
+            row = {key: value for key, value in zip(keys, values) if not (key == "input" and value is None)}
+            _check_row(path, index, row)
+            lines.append(json.dumps(row, ensure_ascii=False))
             index += 1
     return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _format_columns(path: Path, names: list[str]) -> tuple[str, ...]:
+    """The columns of the one row format (tsotsa.training.formats) the dataset's columns hold."""
+    found = [fmt for fmt, keys in FORMAT_KEYS.items() if any(key in names for key in keys)]
+    if len(found) > 1:
+        raise DatasetDirError(f"{path}: has columns of two formats, {describe(found[0])} and {describe(found[1])}; "
+                              "keep one (Dataset.remove_columns)")
+    if not found or any(key not in names for key in REQUIRED_KEYS[found[0]]):
+        have = ", ".join(names) or "(none)"
+        raise DatasetDirError(f'{path}: needs the columns of one format: "text"; "prompt" and "completion"; '
+                              f'"messages"; "conversations"; or "instruction" and "output" (and "input"); '
+                              f"it has: {have}")
+    return tuple(key for key in FORMAT_KEYS[found[0]] if key in names)
+
+
+def _check_row(path: Path, index: int, row: dict) -> None:
+    """The row as the coordinator will judge it, so a bad one is named by its row here, before any upload."""
+    for key, value in row.items():
+        kind = "a list" if key in ("messages", "conversations") else "a string"
+        if value is None or not isinstance(value, list if kind == "a list" else str):
+            got = "null" if value is None else type(value).__name__
+            raise DatasetDirError(f'{path}: row {index}: "{key}" must be {kind}, got {got}')
+    try:
+        canonical_fields(row)
+    except RowError as error:
+        raise DatasetDirError(f"{path}: row {index}: {error}") from None
 
 
 def _one_line(error: BaseException) -> str:

@@ -30,7 +30,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("model_id", "peer_id", "start_block", "end_block", "state", "device", "dtype", "quant", "throughput", "open_sessions", "max_sessions", "cache_bytes_used", "cache_bytes_limit", "checkpoint_bytes_read", "parameter_bytes_held", "checkpoint_bytes_total")
+    __slots__ = ("model_id", "peer_id", "start_block", "end_block", "state", "device", "dtype", "quant", "throughput", "open_sessions", "max_sessions", "cache_bytes_used", "cache_bytes_limit", "checkpoint_bytes_read", "parameter_bytes_held", "checkpoint_bytes_total", "rss_bytes", "uptime_seconds", "adapters", "tokens_served", "steps_served")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,11 @@ class PeerInfo(_message.Message):
     CHECKPOINT_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_SERVED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     peer_id: str
     start_block: int
@@ -63,7 +68,12 @@ class PeerInfo(_message.Message):
     checkpoint_bytes_read: int
     parameter_bytes_held: int
     checkpoint_bytes_total: int
-    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., throughput: _Optional[float] = ..., open_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache_bytes_used: _Optional[int] = ..., cache_bytes_limit: _Optional[int] = ..., checkpoint_bytes_read: _Optional[int] = ..., parameter_bytes_held: _Optional[int] = ..., checkpoint_bytes_total: _Optional[int] = ...) -> None: ...
+    rss_bytes: int
+    uptime_seconds: float
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    tokens_served: int
+    steps_served: int
+    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., throughput: _Optional[float] = ..., open_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache_bytes_used: _Optional[int] = ..., cache_bytes_limit: _Optional[int] = ..., checkpoint_bytes_read: _Optional[int] = ..., parameter_bytes_held: _Optional[int] = ..., checkpoint_bytes_total: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ..., tokens_served: _Optional[int] = ..., steps_served: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model_id", "start_block", "end_block", "hidden_states", "attention_mask", "position_ids", "adapter")
@@ -464,20 +474,48 @@ class RunConfig(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., steps_per_round: _Optional[int] = ..., micro_batch: _Optional[int] = ..., grad_accum: _Optional[int] = ..., seq_len: _Optional[int] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., lr: _Optional[float] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., out_dir: _Optional[str] = ..., lr_schedule: _Optional[str] = ..., warmup_steps: _Optional[int] = ..., verify_fraction: _Optional[float] = ...) -> None: ...
 
 class CreateRunRequest(_message.Message):
-    __slots__ = ("name", "config", "train_name", "train_data", "eval_name", "eval_data")
+    __slots__ = ("name", "config", "train_name", "train_data", "eval_name", "eval_data", "train_upload", "eval_upload")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     TRAIN_NAME_FIELD_NUMBER: _ClassVar[int]
     TRAIN_DATA_FIELD_NUMBER: _ClassVar[int]
     EVAL_NAME_FIELD_NUMBER: _ClassVar[int]
     EVAL_DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    EVAL_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: RunConfig
     train_name: str
     train_data: bytes
     eval_name: str
     eval_data: bytes
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., train_name: _Optional[str] = ..., train_data: _Optional[bytes] = ..., eval_name: _Optional[str] = ..., eval_data: _Optional[bytes] = ...) -> None: ...
+    train_upload: str
+    eval_upload: str
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[RunConfig, _Mapping]] = ..., train_name: _Optional[str] = ..., train_data: _Optional[bytes] = ..., eval_name: _Optional[str] = ..., eval_data: _Optional[bytes] = ..., train_upload: _Optional[str] = ..., eval_upload: _Optional[str] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("name", "total_bytes", "data", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    total_bytes: int
+    data: bytes
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class DataUpload(_message.Message):
+    __slots__ = ("upload_id", "total_bytes", "sha256", "expires_in")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    total_bytes: int
+    sha256: str
+    expires_in: float
+    def __init__(self, upload_id: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., expires_in: _Optional[float] = ...) -> None: ...
 
 class RoundInfo(_message.Message):
     __slots__ = ("round", "state", "train_loss", "eval_loss", "samples", "tokens", "tokens_per_s", "checkpoint", "wire_bytes", "peers")
@@ -504,20 +542,24 @@ class RoundInfo(_message.Message):
     def __init__(self, round: _Optional[int] = ..., state: _Optional[str] = ..., train_loss: _Optional[float] = ..., eval_loss: _Optional[float] = ..., samples: _Optional[int] = ..., tokens: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., checkpoint: _Optional[str] = ..., wire_bytes: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunInfo(_message.Message):
-    __slots__ = ("name", "state", "message", "config_json", "rounds_done", "rounds")
+    __slots__ = ("name", "state", "message", "config_json", "rounds_done", "rounds", "train_examples", "eval_examples")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_DONE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     message: str
     config_json: str
     rounds_done: int
     rounds: _containers.RepeatedCompositeFieldContainer[RoundInfo]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., config_json: _Optional[str] = ..., rounds_done: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ...) -> None: ...
+    train_examples: int
+    eval_examples: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., config_json: _Optional[str] = ..., rounds_done: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundInfo, _Mapping]]] = ..., train_examples: _Optional[int] = ..., eval_examples: _Optional[int] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("name",)

@@ -556,6 +556,11 @@ class CoordinatorStub:
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchRequest.SerializeToString,
                 response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchChunk.FromString,
                 _registered_method=True)
+        self.UploadData = channel.stream_unary(
+                '/tsotsa.v1.Coordinator/UploadData',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.DataChunk.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.DataUpload.FromString,
+                _registered_method=True)
         self.CreateRun = channel.unary_unary(
                 '/tsotsa.v1.Coordinator/CreateRun',
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.CreateRunRequest.SerializeToString,
@@ -611,6 +616,13 @@ class CoordinatorServicer:
 
     def Fetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadData(self, request_iterator, context):
+        """the admin token, as CreateRun
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -673,6 +685,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchRequest.FromString,
                     response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.FetchChunk.SerializeToString,
+            ),
+            'UploadData': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadData,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.DataChunk.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.DataUpload.SerializeToString,
             ),
             'CreateRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRun,
@@ -813,6 +830,33 @@ class Coordinator:
             '/tsotsa.v1.Coordinator/Fetch',
             tsotsa_dot_v1_dot_tsotsa__pb2.FetchRequest.SerializeToString,
             tsotsa_dot_v1_dot_tsotsa__pb2.FetchChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadData(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tsotsa.v1.Coordinator/UploadData',
+            tsotsa_dot_v1_dot_tsotsa__pb2.DataChunk.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.DataUpload.FromString,
             options,
             channel_credentials,
             insecure,
