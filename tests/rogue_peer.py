@@ -53,13 +53,13 @@ def perturb() -> None:
     honest_step = PeerService._step
 
     def lying_step(self, session, step):
-        answer = honest_step(self, session, step)
+        answer, tokens = honest_step(self, session, step)  # (the encoded output, token positions computed)
         decoding = len(step.hidden_states.shape) == 3 and step.hidden_states.shape[1] == 1
         if decoding and session.length > LIE_AFTER and session.length % LIE_EVERY == 0:
             hidden = decode(answer)
             noise = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(session.length))
             answer = encode(hidden + 0.5 * hidden.abs().max() * noise, hidden.dtype)
-        return answer
+        return answer, tokens
 
     PeerService._step = lying_step
 
