@@ -32,6 +32,8 @@ def join(
     announce_host: str = typer.Option(None, help="Address others reach this peer at (default: --host)."),
     cache_dir: Path = typer.Option(None, help="Where fetched blocks are cached (default ~/.cache/tsotsa)."),
     max_sessions: int = typer.Option(32, help="Concurrent inference sessions."),
+    max_batch: int = typer.Option(32, min=1, help="Sessions whose decode steps one pass over the blocks may "
+                                               "compute together (1: every step alone)."),
     cache_mib: int = typer.Option(2048, help="KV-cache budget in MiB over all sessions."),
     session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
     open_timeout: float = typer.Option(30.0, help="Seconds a new inference stream may take to open its session "
@@ -82,7 +84,7 @@ def join(
             coordinator=coordinator, model_dir=model, blocks=parse_span(blocks) if blocks else None,
             num_blocks=num_blocks, device=device, quant=quant, dtype=parse_dtype(dtype), host=host, port=port,
             dht_port=dht_port, announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
-            limits=PeerLimits(max_sessions=max_sessions, max_cache_bytes=cache_mib << 20,
+            limits=PeerLimits(max_sessions=max_sessions, max_batch=max_batch, max_cache_bytes=cache_mib << 20,
                               session_timeout=session_timeout, open_timeout=open_timeout),
             drain_timeout=drain_timeout, threads=threads, token=token,
             adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,

@@ -4,22 +4,98 @@ As in hivemind's and Petals' servers: concurrent sessions and training calls tak
 instead of oversubscribing the cores, and on a GPU the thread keeps its CUDA and cuBLAS state warm, where
 gRPC's pool would spread the work over many threads (two NF4 peers on an H100 decoded at 0.45x of
 transformers that way, 0.79x on one runtime thread: docs/bench/).
+
+Unlike them, it batches across users (continuous batching): decode steps of different sessions that
+share a batch key (the same blocks and adapter) and are queued when the thread becomes free run as one
+batch (`step`), so one pass over the weights serves them all. Nothing waits for a batch to fill: while
+the thread computes, newcomers queue, and the next pass takes every compatible one (up to `max_batch`).
+Sessions join and leave between passes. Other work (`run`: prefill, Forward, training) runs alone, in
+arrival order with the steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Runs one batch of step items of one key on the runtime thread; returns one result per item, in order.
+BatchFunction = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass
+class _Job:
+    future: Future
+    work: Callable[[], Any] | None = None  # a plain job
+    key: Hashable = None                   # a step: its batch key and item
+    item: Any = None
+
 
 class Runtime:
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
+    """`run(work)`: any work, alone. `step(key, item)`: one item of a batch `batch(key, items)` computes;
+    `max_batch` 1 turns batching off (every step alone)."""
+
+    def __init__(self, batch: BatchFunction | None = None, max_batch: int = 32,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        self._batch, self.max_batch, self._on_batch = batch, max(1, max_batch), on_batch
+        self._queue: deque[_Job] = deque()
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="runtime", daemon=True)
+        self._thread.start()
 
     def run(self, work: Callable[[], T]) -> T:
-        """Runs `work` on the runtime thread once the work before it is done; its result or its exception
-        comes back to the calling (gRPC handler) thread."""
-        return self._executor.submit(work).result()
+        """Runs `work` on the runtime thread once the work queued before it is done; its result or its
+        exception comes back to the calling (gRPC handler) thread."""
+        return self._submit(_Job(Future(), work=work)).result()
+
+    def step(self, key: Hashable, item: Any) -> Any:
+        """Queues one step; returns its result once the batch it ran in is done (or raises its exception)."""
+        if self._batch is None:
+            raise RuntimeError("this runtime has no batch function")
+        return self._submit(_Job(Future(), key=key, item=item)).result()
+
+    def _submit(self, job: _Job) -> Future:
+        with self._ready:
+            self._queue.append(job)
+            self._ready.notify()
+        return job.future
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                job = self._queue.popleft()
+                batch = [job]
+                if job.work is None:  # a step: every queued step of its key joins, up to max_batch
+                    for other in list(self._queue):
+                        if len(batch) >= self.max_batch:
+                            break
+                        if other.work is None and other.key == job.key:
+                            batch.append(other)
+                            self._queue.remove(other)
+            if job.work is not None:
+                self._finish([job], lambda: [job.work()])
+            else:
+                self._finish(batch, lambda: self._batch(job.key, [j.item for j in batch]))
+
+    def _finish(self, jobs: list[_Job], compute: Callable[[], Sequence[Any]]) -> None:
+        """Sets each job's result (an item's result may itself be an exception: that item fails alone)."""
+        try:
+            results = compute()
+        except BaseException as error:  # the callers get it; the thread goes on
+            for j in jobs:
+                j.future.set_exception(error)
+            return
+        if jobs[0].work is None and self._on_batch is not None:
+            self._on_batch(len(jobs))
+        for j, result in zip(jobs, results):
+            if isinstance(result, BaseException):
+                j.future.set_exception(result)
+            else:
+                j.future.set_result(result)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -25,6 +25,7 @@ from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
+from tsotsa.peer.batching import BatchKey, DecodeStep, is_decode_step, run_decode_steps
 from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.requests import RequestChecker
 from tsotsa.peer.roles import CoordinatorOnly
@@ -42,6 +43,7 @@ class PeerLimits:
     max_forward_tokens: int = 8192
     session_timeout: float = 300.0
     open_timeout: float = 30.0  # seconds a new Inference stream may take to send its `open`
+    max_batch: int = 32  # sessions whose decode steps one pass may compute together (1: no batching)
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -60,7 +62,7 @@ class PeerService(pb_grpc.PeerServicer):
             max_sessions=limits.max_sessions, cache_bytes_used=lambda: self.sessions.reserved_bytes,
             cache_bytes_budget=limits.max_cache_bytes, adapters=lambda: self.adapters.names)
         self.checker = RequestChecker(model_id, span.config, num_model_blocks, span.span, limits.max_forward_tokens)
-        self.runtime = Runtime()
+        self.runtime = Runtime(self._run_batch, limits.max_batch, on_batch=self.metrics.batch_sessions.observe)
         self.training = TrainingService(span, self.adapters, self.checker, self.runtime, self.metrics)
 
     # ------------------------------------------------------------------ RPCs
@@ -223,6 +225,17 @@ class PeerService(pb_grpc.PeerServicer):
             positions = self.checker.positions(step, batch, length, new_mask)
         else:
             positions = position_ids_from_mask(mask)[:, -length:]
-        output = self._compute(session.adapter, hidden, mask, positions, cache, session.start, session.end)
+        if is_decode_step(hidden, cache, session.length, session.start - self.span.span.start):  # may share a pass
+            step = DecodeStep(cache, hidden, mask, positions)
+            output = self.runtime.step((session.start, session.end, session.adapter), step).to("cpu", hidden.dtype)
+        else:
+            output = self._compute(session.adapter, hidden, mask, positions, cache, session.start, session.end)
         session.attention_mask = mask
         return encode(output, hidden.dtype), batch * length
+
+    def _run_batch(self, key: BatchKey, steps: Sequence[DecodeStep]) -> list[torch.Tensor]:
+        """On the runtime thread: decode steps of sessions over the same blocks and adapter, in one pass."""
+        start, end, adapter = key
+        self._check_adapter(adapter)
+        self.adapters.activate(adapter or None)
+        return run_decode_steps(self.span, start, end, steps)

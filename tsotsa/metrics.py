@@ -42,6 +42,7 @@ INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15
                        30.0, 60.0)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class ServingMetrics:
@@ -101,6 +102,8 @@ class PeerMetrics:
       spot checks, evaluation).
     * `train_micro_batches` — Counter `tsotsa:peer_train_micro_batches_total{phase}`: training micro-batches,
       `phase` = `forward` (TrainForward) or `backward` (TrainBackward).
+    * `batch_sessions` — Histogram `tsotsa:peer_batch_sessions`: sessions whose decode steps one pass over the
+      blocks computed together (1: alone; peer/batching.py).
     * `tsotsa:peer_adapters_served` — adapters loaded (served and training).
     * `tsotsa:peer_rss_bytes`, `tsotsa:peer_uptime_seconds` — the process's resident memory, and seconds since
       it started.
@@ -136,6 +139,9 @@ class PeerMetrics:
                                       "inside the peer.", buckets=STEP_BUCKETS, registry=registry)
         self.forward_calls = Counter(f"{PREFIX}peer_forward_calls", "Stateless Forward calls computed.",
                                      registry=registry)
+        self.batch_sessions = Histogram(f"{PREFIX}peer_batch_sessions", "Sessions whose decode steps one pass "
+                                        "over the blocks computed together.", buckets=BATCH_BUCKETS,
+                                        registry=registry)
         self.train_micro_batches = Counter(f"{PREFIX}peer_train_micro_batches", "Training micro-batches computed.",
                                            ["phase"], registry=registry)
         for phase in ("forward", "backward"):
