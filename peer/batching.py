@@ -17,12 +17,14 @@ short and medium contexts far less than the weights a pass saves reading (a 1024
 50 MB; 16 sessions of 100 tokens hold 13 MB of its KV). Outputs equal stepping alone up to fp32
 rounding (the batched matrix products sum in another order), which the tests bound at 1e-5.
 
-Only decode steps (one new token per row, a cache already filled) batch; a prefill runs alone.
+Only decode steps (one new token per row, a cache already filled) batch; a prefill runs alone, a chunk
+of PREFILL_CHUNK tokens at a time (`prefill_in_chunks`), each chunk its own job on the runtime thread, so
+other sessions' decode passes run between the chunks of a long prompt instead of waiting for all of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,9 @@ from tsotsa.spans import BlockSpan
 
 # (start_block, end_block, adapter): steps that may share a pass
 BatchKey = tuple[int, int, str]
+PREFILL_CHUNK = 128  # prompt tokens one runtime job computes; decode passes of other sessions run in between
+
+Chunk = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -88,3 +93,18 @@ def run_decode_steps(span: BlockSpan, start: int, end: int, steps: Sequence[Deco
 def _left_pad(tensor: torch.Tensor, pad: int) -> torch.Tensor:
     """[batch, heads, length, dim] with `pad` zero positions in front of the length."""
     return F.pad(tensor, (0, 0, pad, 0)) if pad else tensor
+
+
+def prefill_in_chunks(run: Chunk, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                      chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """A session step of `hidden` [b, n, hidden] as consecutive chunks of at most `chunk` tokens, each through
+    `run(hidden, mask, positions)` on the session's cache (which each chunk extends, so a chunk attends to
+    the ones before it exactly as one pass would); `mask` [b, past + n], `positions` [b, n]. Returns the
+    outputs [b, n, hidden] concatenated."""
+    length = hidden.shape[1]
+    past = mask.shape[1] - length
+    outputs = []
+    for begin in range(0, length, chunk):
+        end = min(begin + chunk, length)
+        outputs.append(run(hidden[:, begin:end], mask[:, :past + end], positions[:, begin:end]))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

@@ -36,6 +36,8 @@ def join(
                                                "compute together (1: every step alone)."),
     cache_mib: int = typer.Option(2048, help="KV-cache budget in MiB over all sessions."),
     session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
+    admission_wait: float = typer.Option(10.0, min=0.0, help="Seconds a new session may wait in line for room "
+                                                            "when the peer is full, before it is refused."),
     open_timeout: float = typer.Option(30.0, help="Seconds a new inference stream may take to open its session "
                                                   "before the peer closes it."),
     drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for open sessions."),
@@ -85,7 +87,8 @@ def join(
             num_blocks=num_blocks, device=device, quant=quant, dtype=parse_dtype(dtype), host=host, port=port,
             dht_port=dht_port, announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
             limits=PeerLimits(max_sessions=max_sessions, max_batch=max_batch, max_cache_bytes=cache_mib << 20,
-                              session_timeout=session_timeout, open_timeout=open_timeout),
+                              session_timeout=session_timeout, open_timeout=open_timeout,
+                              admission_wait=admission_wait),
             drain_timeout=drain_timeout, threads=threads, token=token,
             adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,
             wait_timeout=wait_timeout, nat_traversal=nat_traversal, tls=tls, metrics_port=metrics_port,

@@ -25,7 +25,7 @@ from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
-from tsotsa.peer.batching import BatchKey, DecodeStep, is_decode_step, run_decode_steps
+from tsotsa.peer.batching import BatchKey, DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
 from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.requests import RequestChecker
 from tsotsa.peer.roles import CoordinatorOnly
@@ -44,6 +44,7 @@ class PeerLimits:
     session_timeout: float = 300.0
     open_timeout: float = 30.0  # seconds a new Inference stream may take to send its `open`
     max_batch: int = 32  # sessions whose decode steps one pass may compute together (1: no batching)
+    admission_wait: float = 10.0  # seconds an open may wait in line for room before RESOURCE_EXHAUSTED
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -54,7 +55,8 @@ class PeerService(pb_grpc.PeerServicer):
         where the peer's metrics go (the one its /metrics page serves; default a registry of its own)."""
         self.span, self._info, self.coordinator_only = span, info, coordinator_only
         self.open_timeout = limits.open_timeout
-        self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout)
+        self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout,
+                                     limits.admission_wait)
         self.accepting = True
         self.adapters = Adapters(span)
         self.metrics = PeerMetrics(
@@ -228,8 +230,10 @@ class PeerService(pb_grpc.PeerServicer):
         if is_decode_step(hidden, cache, session.length, session.start - self.span.span.start):  # may share a pass
             step = DecodeStep(cache, hidden, mask, positions)
             output = self.runtime.step((session.start, session.end, session.adapter), step).to("cpu", hidden.dtype)
-        else:
-            output = self._compute(session.adapter, hidden, mask, positions, cache, session.start, session.end)
+        else:  # a prefill: in chunks, other sessions' decode passes in between
+            output = prefill_in_chunks(lambda *part: self._compute(session.adapter, part[0], *part[1:], cache,
+                                                                   session.start, session.end),
+                                       hidden, mask, positions)
         session.attention_mask = mask
         return encode(output, hidden.dtype), batch * length
 

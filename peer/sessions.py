@@ -1,7 +1,10 @@
 """Inference sessions: each holds a KV cache for one client stream, within caps on count and bytes.
 
 The caps are checked when a session opens, against the bytes its cache reaches at `max_length`, so a
-peer refuses work with RESOURCE_EXHAUSTED instead of growing until the kernel kills it. Sessions idle past
+peer refuses work with RESOURCE_EXHAUSTED instead of growing until the kernel kills it. A burst does not
+fail at once: an open that finds the peer full waits in line (up to `admission_wait` seconds) for a
+session to close or expire, and only then is refused, with a hint to retry; a cache that could never fit
+the budget is refused at once. Sessions idle past
 the timeout are reclaimed by the peer's heartbeat (`reap`), when capacity is needed, or when their own
 next step finds them idle, whichever comes first; their cache is dropped, so the bytes they gave back are
 really free, and their streams then get NOT_FOUND ("expired").
@@ -44,11 +47,15 @@ class Session:
 
 
 class SessionTable:
-    def __init__(self, max_sessions: int, max_cache_bytes: int, idle_timeout: float) -> None:
+    def __init__(self, max_sessions: int, max_cache_bytes: int, idle_timeout: float,
+                 admission_wait: float = 0.0) -> None:
         self.max_sessions, self.max_cache_bytes, self.idle_timeout = max_sessions, max_cache_bytes, idle_timeout
+        self.admission_wait = admission_wait
         self._sessions: dict[str, Session] = {}
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a session closed or expired: room for a waiting open
+        self.waiting = 0  # opens waiting for room now
 
     @property
     def open_count(self) -> int:
@@ -61,22 +68,39 @@ class SessionTable:
     def open(self, session: Session) -> None:
         if not session.session_id or len(session.session_id) > MAX_SESSION_ID:
             raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, f"session id must have 1..{MAX_SESSION_ID} characters")
-        with self._lock:
-            self._expire_idle()
-            if session.session_id in self._sessions:
-                raise PeerError(grpc.StatusCode.ALREADY_EXISTS, f"session {session.session_id} is already open")
-            if len(self._sessions) >= self.max_sessions:
-                raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"peer is at its limit of {self.max_sessions} concurrent sessions")
-            used = self.reserved_bytes
-            if used + session.reserved_bytes > self.max_cache_bytes:
-                raise PeerError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"a KV cache of {session.reserved_bytes} bytes does not fit: {used} of "
-                    f"{self.max_cache_bytes} bytes are in use",
-                )
+        if session.reserved_bytes > self.max_cache_bytes:
+            raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a KV cache of {session.reserved_bytes} bytes "
+                            f"does not fit: this peer's budget is {self.max_cache_bytes} bytes")
+        deadline = time.monotonic() + self.admission_wait
+        with self._changed:
+            while True:
+                self._expire_idle()
+                if session.session_id in self._sessions:
+                    raise PeerError(grpc.StatusCode.ALREADY_EXISTS, f"session {session.session_id} is already open")
+                full = self._no_room(session)
+                if full is None:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    waited = f"; waited {self.admission_wait:g} s in line, retry later" if self.admission_wait else ""
+                    raise PeerError(grpc.StatusCode.RESOURCE_EXHAUSTED, full + waited)
+                self.waiting += 1
+                try:  # woken by a close or an expiry; idle sessions are looked at again at least every second
+                    self._changed.wait(min(remaining, 1.0))
+                finally:
+                    self.waiting -= 1
             self._sessions[session.session_id] = session
             self._expired.pop(session.session_id, None)
+
+    def _no_room(self, session: Session) -> str | None:
+        """Why `session` cannot open now (None: it can)."""
+        if len(self._sessions) >= self.max_sessions:
+            return f"peer is at its limit of {self.max_sessions} concurrent sessions"
+        used = self.reserved_bytes
+        if used + session.reserved_bytes > self.max_cache_bytes:
+            return (f"a KV cache of {session.reserved_bytes} bytes does not fit: {used} of {self.max_cache_bytes} "
+                    f"bytes are in use")
+        return None
 
     def reap(self) -> int:
         """Reclaims every session idle past the timeout; how many there were."""
@@ -113,6 +137,7 @@ class SessionTable:
         with self._lock:
             if self._is_open(session):
                 del self._sessions[session.session_id]
+                self._changed.notify_all()
 
     def _is_open(self, session: Session) -> bool:
         return self._sessions.get(session.session_id) is session
@@ -128,6 +153,7 @@ class SessionTable:
     def _forget(self, session_id: str) -> None:
         session = self._sessions.pop(session_id)
         session.cache = None  # its stream may stay open for long: the bytes it gave back must be free
+        self._changed.notify_all()
         self._expired[session_id] = None
         while len(self._expired) > REMEMBERED_EXPIRED:
             self._expired.popitem(last=False)

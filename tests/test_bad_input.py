@@ -11,6 +11,7 @@ leave state behind (a leaked session, a half-filled cache) nor take the process 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -29,6 +30,7 @@ from peer_stream import Stream
 HIDDEN = 64
 SESSION_TIMEOUT = 2.0
 OPEN_TIMEOUT = 2.0
+ADMISSION_WAIT = 1.0  # seconds an open waits in line at the session cap (less than SESSION_TIMEOUT)
 MAX_MESSAGE = 64 << 20            # the server's grpc.max_receive_message_length
 MAX_FORWARD_TOKENS = 8192         # PeerLimits.max_forward_tokens (no CLI flag: the default)
 Code = grpc.StatusCode
@@ -38,6 +40,7 @@ Code = grpc.StatusCode
 def swarm(tiny_model, tmp_path_factory) -> Iterator[LocalSwarm]:
     swarm = start_swarm(tiny_model, ["0:2", "2:4"], "--max-sessions", "2", "--cache-mib", "1",
                         "--session-timeout", str(SESSION_TIMEOUT), "--open-timeout", str(OPEN_TIMEOUT),
+                        "--admission-wait", str(ADMISSION_WAIT),
                         cache_dir=tmp_path_factory.mktemp("cache"))
     yield swarm
     swarm.stop()
@@ -272,9 +275,34 @@ def test_too_many_sessions(stub, swarm) -> None:
         first.send(open_session(swarm.model_id, "first"))
         second.send(open_session(swarm.model_id, "second"))
         assert_stream_refused(stub, [open_session(swarm.model_id, "third")], Code.RESOURCE_EXHAUSTED,
-                              "limit of 2 concurrent sessions")
+                              f"limit of 2 concurrent sessions; waited {ADMISSION_WAIT:g} s in line, retry later")
         assert first.send(step("first")).cache_length == 3
     assert_serves(stub, swarm.model_id)  # closing the streams gave both slots back
+
+
+def test_an_open_waits_in_line_for_a_slot(stub, swarm) -> None:
+    """At the session cap a new open waits (up to --admission-wait) instead of failing, and takes the first
+    slot that frees."""
+    with Stream(stub) as first, Stream(stub) as second:
+        first.send(open_session(swarm.model_id, "first"))
+        second.send(open_session(swarm.model_id, "second"))
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+        third = Stream(stub)
+
+        def open_third() -> None:
+            try:
+                answers.put(third.send(open_session(swarm.model_id, "third")))
+            except grpc.RpcError as error:
+                answers.put(error)
+
+        threading.Thread(target=open_third, daemon=True).start()
+        with pytest.raises(queue.Empty):
+            answers.get(timeout=0.3)  # in line: neither refused nor admitted yet
+        first.close()
+        admitted = answers.get(timeout=30)
+        assert isinstance(admitted, pb.InferenceResponse) and admitted.session_id == "third", admitted
+        third.close()
+    assert_serves(stub, swarm.model_id)
 
 
 def test_expired_sessions(stub, swarm) -> None:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tsotsa.checkpoint import load_config
-from tsotsa.peer.batching import DecodeStep, is_decode_step, run_decode_steps
+from tsotsa.peer.batching import DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
 from tsotsa.peer.runtime import Runtime
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.tiny_model import make_tiny_model
@@ -108,3 +108,18 @@ def test_a_failing_pass_fails_its_steps_and_the_runtime_goes_on():
         runtime.step("bad", 1)
     assert runtime.step("good", 4) == 8
     assert runtime.run(lambda: "plain") == "plain"
+
+
+def test_a_long_prefill_in_chunks_equals_one_pass(span):
+    """300 prompt tokens as chunks of 128 (other sessions' passes may run in between) against one pass."""
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 300, span.config.hidden_size, generator=generator)
+    mask = torch.ones(2, 300, dtype=torch.long)
+    mask[1, :40] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    whole_cache, chunked_cache = span.new_cache(), span.new_cache()
+    whole = span(hidden, mask, positions, whole_cache)
+    chunked = prefill_in_chunks(lambda h, m, p: span(h, m, p, chunked_cache), hidden, mask, positions, chunk=128)
+    assert (chunked - whole).abs().max().item() <= TOLERANCE
+    for j in range(3):
+        assert (chunked_cache.layers[j].keys - whole_cache.layers[j].keys).abs().max().item() <= TOLERANCE

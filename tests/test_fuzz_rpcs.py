@@ -98,7 +98,8 @@ def swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
     """A private swarm (swarm and admin tokens) of one peer serving all 4 blocks, with small session caps."""
     with LocalSwarm(tiny_model, cache_dir=tmp_path_factory.mktemp("cache"), token=TOKEN, admin_token=ADMIN) as swarm:
         swarm.start_coordinator()
-        swarm.add_peers(["0:4"], "--max-sessions", "8", "--cache-mib", "16", "--open-timeout", "5")
+        swarm.add_peers(["0:4"], "--max-sessions", "8", "--cache-mib", "16", "--open-timeout", "5",
+                        "--admission-wait", "0")  # refused at once when full: fuzzing opens many
         yield swarm
 
 
