@@ -1,7 +1,7 @@
 """Decode steps of several sessions in one pass over the blocks (continuous batching across users).
 
 On one machine a decode step is bound by reading the weights: 16 sessions stepped one after another read
-them 16 times, one batched pass reads them once. The runtime thread (peer/runtime.py) hands this module
+them 16 times, one batched pass reads them once. The runtime thread (tsotsa/runtime.py) hands this module
 every queued decode step that shares a batch key — the same blocks and the same adapter (the adapter is
 one active choice on the blocks, so different adapters run in per-adapter batches) — and it runs them
 with transformers' own decoder layers, unchanged:

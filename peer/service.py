@@ -29,7 +29,7 @@ from tsotsa.peer.batching import BatchKey, DecodeStep, is_decode_step, prefill_i
 from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.requests import RequestChecker
 from tsotsa.peer.roles import CoordinatorOnly
-from tsotsa.peer.runtime import Runtime
+from tsotsa.runtime import Runtime
 from tsotsa.peer.sessions import Session, SessionTable
 from tsotsa.peer.training_rpcs import TrainingService
 

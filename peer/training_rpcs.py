@@ -21,7 +21,7 @@ from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.peer.adapters import Adapters, check_adapter_keys
 from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.requests import RequestChecker
-from tsotsa.peer.runtime import Runtime
+from tsotsa.runtime import Runtime
 from tsotsa.peer.training import TrainingRun, check_micro_batch
 
 # Tokens of micro-batches forwarded and not yet backwarded, over all runs: what their kept activations (and

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tsotsa.checkpoint import load_config
 from tsotsa.peer.batching import DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
-from tsotsa.peer.runtime import Runtime
+from tsotsa.runtime import Runtime
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.tiny_model import make_tiny_model
 

@@ -32,9 +32,12 @@ from tsotsa.head import ModelHead
 from tsotsa.records import ServerRecord
 from tsotsa.remote import cached_checkpoint, default_cache_dir
 from tsotsa.rpc import describe_rpc_error
+from tsotsa.runtime import Runtime
 from tsotsa.spans import position_ids_from_mask
 from tsotsa.tls import TlsSettings
 from tsotsa.v1 import tsotsa_pb2 as pb
+
+HEAD_BATCH = 64  # rows the LM-head thread scores in one product at most
 
 TokenCallback = Callable[[torch.Tensor], "bool | None"]  # True: end the generation after these tokens
 
@@ -73,6 +76,8 @@ class SwarmModel:
         client_config = client_config or ClientConfig()
         self.swarm = Swarm(dht, model_id, config.num_hidden_layers, token=token, config=client_config, tls=tls)
         self.head = ModelHead(config, head, device)
+        # concurrent generate calls (the HTTP API's requests) score their next tokens in one matrix product
+        self._head_thread = Runtime(self._logits_of_rows, max_batch=HEAD_BATCH, name="lm-head")
         self.dtype = self.head.dtype
         self.wire_dtype = wire_dtype or client_config.wire_dtype or self.dtype
 
@@ -122,6 +127,7 @@ class SwarmModel:
         self.swarm.config = replace(self.swarm.config, **changes)
 
     def close(self) -> None:
+        self._head_thread.close()
         self.swarm.close()
         self.dht.shutdown()
 
@@ -135,7 +141,16 @@ class SwarmModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of `hidden` [..., hidden]. One position per row ([batch, hidden], a decode step) goes
+        through the LM-head thread, which runs the rows of every thread waiting at that moment as one batch."""
+        if hidden.ndim == 2:
+            return self._head_thread.step(None, hidden)
         return self.head.logits(hidden)
+
+    @torch.inference_mode()
+    def _logits_of_rows(self, key: None, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        logits = self.head.logits(torch.cat(rows) if len(rows) > 1 else rows[0])
+        return list(logits.split([len(r) for r in rows]))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.head.embed(input_ids)

@@ -1,16 +1,18 @@
-"""The peer's one runtime thread, on which all of its computation runs, inference and training alike.
+"""One worker thread that runs jobs in arrival order and batches queued steps that share a key.
 
-As in hivemind's and Petals' servers: concurrent sessions and training calls take turns on the blocks
-instead of oversubscribing the cores, and on a GPU the thread keeps its CUDA and cuBLAS state warm, where
-gRPC's pool would spread the work over many threads (two NF4 peers on an H100 decoded at 0.45x of
-transformers that way, 0.79x on one runtime thread: docs/bench/).
+A peer's runtime thread (peer/service.py), on which all of its computation runs, inference and training
+alike: as in hivemind's and Petals' servers, concurrent sessions and training calls take turns on the
+blocks instead of oversubscribing the cores, and on a GPU the thread keeps its CUDA and cuBLAS state warm,
+where gRPC's pool would spread the work over many threads (two NF4 peers on an H100 decoded at 0.45x of
+transformers that way, 0.79x on one runtime thread: docs/bench/). A client's LM head (tsotsa.client.model)
+uses one too, so that concurrent `generate` calls (the HTTP API's requests) score their tokens in one
+matrix product.
 
-Unlike them, it batches across users (continuous batching): decode steps of different sessions that
-share a batch key (the same blocks and adapter) and are queued when the thread becomes free run as one
-batch (`step`), so one pass over the weights serves them all. Nothing waits for a batch to fill: while
-the thread computes, newcomers queue, and the next pass takes every compatible one (up to `max_batch`).
-Sessions join and leave between passes. Other work (`run`: prefill, Forward, training) runs alone, in
-arrival order with the steps.
+Unlike them, it batches across users (continuous batching): steps that share a batch key (on a peer, the
+same blocks and adapter) and are queued when the thread becomes free run as one batch (`step`), so one
+pass over the weights serves them all. Nothing waits for a batch to fill: while the thread computes,
+newcomers queue, and the next pass takes every compatible one (up to `max_batch`). Callers join and leave
+between passes. Other work (`run`: prefill, Forward, training) runs alone, in arrival order with the steps.
 """
 
 from __future__ import annotations
@@ -41,12 +43,19 @@ class Runtime:
     `max_batch` 1 turns batching off (every step alone)."""
 
     def __init__(self, batch: BatchFunction | None = None, max_batch: int = 32,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, name: str = "runtime") -> None:
         self._batch, self.max_batch, self._on_batch = batch, max(1, max_batch), on_batch
         self._queue: deque[_Job] = deque()
         self._ready = threading.Condition()
-        self._thread = threading.Thread(target=self._loop, name="runtime", daemon=True)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        """Ends the thread once the queued work is done; later calls raise RuntimeError."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
 
     def run(self, work: Callable[[], T]) -> T:
         """Runs `work` on the runtime thread once the work queued before it is done; its result or its
@@ -61,6 +70,8 @@ class Runtime:
 
     def _submit(self, job: _Job) -> Future:
         with self._ready:
+            if self._closed:
+                raise RuntimeError("this runtime is closed")
             self._queue.append(job)
             self._ready.notify()
         return job.future
@@ -68,8 +79,10 @@ class Runtime:
     def _loop(self) -> None:
         while True:
             with self._ready:
-                while not self._queue:
+                while not self._queue and not self._closed:
                     self._ready.wait()
+                if not self._queue:
+                    return
                 job = self._queue.popleft()
                 batch = [job]
                 if job.work is None:  # a step: every queued step of its key joins, up to max_batch
