@@ -21,9 +21,14 @@ MAX_REMEMBERED = 64
 
 
 class PeerMemory:
+    """The remembered addresses. `save` is called from every thread that looks the swarm up (the run
+    drivers, the keep-updated loop): writes are serialized, and one that fails costs a log line, never
+    the lookup (a run once failed on two threads replacing the same partial file)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._saved: list[str] = []
+        self._lock = threading.Lock()
 
     def load(self) -> list[str]:
         """The remembered DHT addresses that parse (a damaged file costs its bad lines, not the start-up)."""
@@ -35,12 +40,17 @@ class PeerMemory:
 
     def save(self, servers: list[ServerRecord]) -> None:
         addresses = sorted({address for server in servers for address in server.dht_addresses})[:MAX_REMEMBERED]
-        if not addresses or addresses == self._saved:
-            return  # an empty swarm says nothing new (keep the last known addresses); an unchanged one neither
-        partial = self.path.with_suffix(".partial")
-        partial.write_text("\n".join(addresses) + "\n")
-        os.replace(partial, self.path)
-        self._saved = addresses
+        with self._lock:
+            if not addresses or addresses == self._saved:
+                return  # an empty swarm says nothing new (keep the last known addresses); an unchanged one neither
+            partial = self.path.with_suffix(".partial")
+            try:
+                partial.write_text("\n".join(addresses) + "\n")
+                os.replace(partial, self.path)
+            except OSError as error:  # a full disk, a removed directory: retried at the next lookup
+                logger.warning("cannot save the swarm's DHT addresses to %s: %s", self.path, error)
+                return
+            self._saved = addresses
 
     def keep_updated(self, swarm: "RememberingSwarm", stop: threading.Event, interval: float = 5.0
                      ) -> threading.Thread:

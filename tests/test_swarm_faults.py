@@ -99,6 +99,7 @@ def test_uncovered_block_is_a_clear_error_in_python_and_one_line_in_the_cli(swar
     assert result.returncode == 1
     assert result.stderr.startswith("error: no route covers block 2"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout == "hello\n"  # the streamed text's line ends before the error line
 
 
 def test_peer_without_blocks_takes_the_uncovered_span(swarm, model, expected) -> None:

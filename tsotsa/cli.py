@@ -105,9 +105,15 @@ def generate(
 
             if not as_json:
                 sys.stdout.write(prompt)
-            output, stats = swarm_model.generate(prompt_ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                                 temperature=temperature or 1.0, top_k=top_k, top_p=top_p,
-                                                 seed=seed, on_tokens=stream, adapter=adapter, return_stats=True)
+            try:
+                output, stats = swarm_model.generate(prompt_ids, max_new_tokens=max_new_tokens,
+                                                     do_sample=temperature > 0, temperature=temperature or 1.0,
+                                                     top_k=top_k, top_p=top_p, seed=seed, on_tokens=stream,
+                                                     adapter=adapter, return_stats=True)
+            except BaseException:
+                if not as_json:  # the error line must not continue the streamed text's line
+                    print(flush=True)
+                raise
             produced[:] = output[0, prompt_ids.shape[1]:].tolist()  # what a rewind corrected, if one did
             if stats.rewound_tokens and not as_json:
                 print(f"\n[a peer answered wrongly and was banned; the corrected text:]\n{prompt}"
