@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tsotsa.api.engine import Choice, Engine, Job, Sampling
 from tsotsa.api.errors import ApiError, error_body
-from tsotsa.api.schema import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from tsotsa.api.schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, SamplingRequest
 from tsotsa.client.logprobs import Logprobs, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -205,8 +205,8 @@ def _prompt_ids(engine: Engine, prompt) -> list[list[int]]:
         return [engine.encode(prompt)]
     if not prompt:
         raise ApiError(400, "prompt: must not be empty", param="prompt")
-    if len(prompt) > 64 and not isinstance(prompt[0], int):
-        raise ApiError(400, "prompt: at most 64 prompts in one request", param="prompt")
+    if len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
+        raise ApiError(400, f"prompt: at most {MAX_PROMPTS} prompts in one request", param="prompt")
     if isinstance(prompt[0], int):
         return [list(prompt)]
     if isinstance(prompt[0], str):

@@ -161,18 +161,14 @@ def _turn_list(value: object, key: str) -> list:
 def _turn_string(turn: Mapping[str, object], key: str, where: str) -> str:
     if key not in turn:
         raise RowError(f'{where}: "{key}" is missing')
-    value = turn[key]
-    if not isinstance(value, str):
-        raise RowError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
-    _encodable(value, f'{where}: "{key}"')
-    return value
+    return _string(turn, key, f"{where}: ")
 
 
-def _string(obj: Mapping[str, object], key: str) -> str:
+def _string(obj: Mapping[str, object], key: str, where: str = "") -> str:
     value = obj[key]
     if not isinstance(value, str):
-        raise RowError(f'"{key}" must be a string, got {type(value).__name__}')
-    _encodable(value, f'"{key}"')
+        raise RowError(f'{where}"{key}" must be a string, got {type(value).__name__}')
+    _encodable(value, f'{where}"{key}"')
     return value
 
 
