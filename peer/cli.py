@@ -31,16 +31,26 @@ def join(
     dht_port: int = typer.Option(0, help="DHT port (0 picks a free one; fix it to open it in a firewall)."),
     announce_host: str = typer.Option(None, help="Address others reach this peer at (default: --host)."),
     cache_dir: Path = typer.Option(None, help="Where fetched blocks are cached (default ~/.cache/tsotsa)."),
-    max_sessions: int = typer.Option(32, help="Concurrent inference sessions."),
+    max_sessions: int = typer.Option(None, min=1, help="Concurrent inference sessions (default: as many 1024-token "
+                                                       "sessions as the KV budget holds, 4..128)."),
     max_batch: int = typer.Option(32, min=1, help="Sessions whose decode steps one pass over the blocks may "
                                                "compute together (1: every step alone)."),
-    cache_mib: int = typer.Option(2048, help="KV-cache budget in MiB over all sessions."),
+    cache_mib: int = typer.Option(None, min=1, help="KV-cache budget in MiB over all sessions (default: 12 % of the "
+                                                    "memory free at start, at least 256)."),
     session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
     admission_wait: float = typer.Option(10.0, min=0.0, help="Seconds a new session may wait in line for room "
                                                             "when the peer is full, before it is refused."),
     open_timeout: float = typer.Option(30.0, help="Seconds a new inference stream may take to open its session "
                                                   "before the peer closes it."),
-    drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM waits for open sessions."),
+    drain_timeout: float = typer.Option(60.0, help="Seconds SIGTERM (or a move) waits for open sessions."),
+    rebalance: bool = typer.Option(None, "--rebalance/--no-rebalance",
+                                   help="Move to other blocks when the swarm needs them more (default: on "
+                                        "unless --blocks is given; with --blocks, the peer starts there)."),
+    rebalance_period: float = typer.Option(60.0, min=0.1, help="Mean seconds between two looks at the swarm "
+                                                              "when rebalancing."),
+    rebalance_gain: float = typer.Option(1.3, min=1.0, help="How many times the swarm's weakest block's "
+                                                           "throughput must grow for a move (uncovered blocks: "
+                                                           "always)."),
     threads: int = typer.Option(None, help="torch threads (default: torch's choice)."),
     adapters: str = typer.Option(None, help="Fine-tuning runs whose adapters to serve, comma-separated "
                                             "(fetched from the coordinator)."),
@@ -70,6 +80,7 @@ def join(
         import sys
 
         from tsotsa.peer.display import PeerDisplay
+        from tsotsa.peer.rebalance import RebalancePolicy
         from tsotsa.peer.server import PeerOptions, serve_peer
         from tsotsa.peer.service import PeerLimits
         from tsotsa.remote import default_cache_dir
@@ -86,13 +97,16 @@ def join(
             coordinator=coordinator, model_dir=model, blocks=parse_span(blocks) if blocks else None,
             num_blocks=num_blocks, device=device, quant=quant, dtype=parse_dtype(dtype), host=host, port=port,
             dht_port=dht_port, announce_host=announce_host, cache_dir=cache_dir or default_cache_dir(),
-            limits=PeerLimits(max_sessions=max_sessions, max_batch=max_batch, max_cache_bytes=cache_mib << 20,
+            limits=PeerLimits(max_sessions=max_sessions, max_batch=max_batch,
+                              max_cache_bytes=cache_mib << 20 if cache_mib else None,
                               session_timeout=session_timeout, open_timeout=open_timeout,
                               admission_wait=admission_wait),
             drain_timeout=drain_timeout, threads=threads, token=token,
             adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,
             wait_timeout=wait_timeout, nat_traversal=nat_traversal, tls=tls, metrics_port=metrics_port,
             metrics_host=metrics_host,
+            rebalance=RebalancePolicy(period=rebalance_period, gain=rebalance_gain)
+            if (blocks is None if rebalance is None else rebalance) else None,
         )
         # progress bars and the live status line on a terminal only: elsewhere stdout is what scripts parse
         serve_peer(options, say=say, display=PeerDisplay(say, live=sys.stdout.isatty() and log_format == "text"))

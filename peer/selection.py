@@ -19,7 +19,11 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 # Bytes per weight in memory, by quantization (NF4 stores 4 bits plus one absmax per 64 weights).
 BYTES_PER_WEIGHT = {"nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 64}
-MEMORY_FRACTION = 0.6
+MEMORY_FRACTION = 0.6  # of the memory free when the peer starts: what its blocks and KV cache may take
+KV_SHARE = 0.2         # of that share: the KV-cache budget unless --cache-mib is given
+MIN_CACHE_BYTES = 256 << 20
+SESSION_TOKENS = 1024  # the session the default cap on sessions counts: one sequence of this many tokens
+SESSION_CAP = (4, 128)  # bounds of the default cap on sessions (each holds a gRPC worker thread)
 
 
 def block_parameter_count(config: LlamaConfig) -> int:
@@ -28,15 +32,32 @@ def block_parameter_count(config: LlamaConfig) -> int:
     return attention + mlp + 2 * config.hidden_size
 
 
+def free_memory(device: str) -> int:
+    """Bytes free for a peer now: the GPU's free memory on CUDA, else the RAM the kernel says is available."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return psutil.virtual_memory().available
+
+
+def default_cache_bytes(free_bytes: float) -> int:
+    """The KV-cache budget of a peer not given `--cache-mib`: KV_SHARE of its share of `free_bytes`, in whole
+    MiB, at least MIN_CACHE_BYTES (15 GiB free: 1.8 GiB; 23 GiB: 2.76 GiB; 127 GiB: 15.2 GiB)."""
+    return max(MIN_CACHE_BYTES, int(free_bytes * MEMORY_FRACTION * KV_SHARE) >> 20 << 20)
+
+
+def default_max_sessions(cache_bytes: int, session_bytes: int) -> int:
+    """The cap on sessions of a peer not given `--max-sessions`: as many sessions of `session_bytes` (one
+    sequence of SESSION_TOKENS over the peer's blocks) as its budget holds, within SESSION_CAP. Shorter
+    sessions reserve less, so more of them fit the bytes; the cap bounds the threads they hold."""
+    low, high = SESSION_CAP
+    return max(low, min(high, cache_bytes // max(1, session_bytes)))
+
+
 def blocks_that_fit(config: LlamaConfig, quant: str, dtype: torch.dtype, device: str, reserve_bytes: int) -> int:
     """How many blocks this machine can hold next to `reserve_bytes` of KV cache, at least one."""
-    if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-    else:
-        free = psutil.virtual_memory().available
     per_weight = BYTES_PER_WEIGHT.get(quant, torch.empty((), dtype=dtype).element_size())
     per_block = block_parameter_count(config) * per_weight
-    budget = free * MEMORY_FRACTION - reserve_bytes
+    budget = free_memory(device) * MEMORY_FRACTION - reserve_bytes
     return max(1, min(config.num_hidden_layers, int(budget // per_block)))
 
 
@@ -71,24 +92,31 @@ def confirmed_servers(servers: list[ServerRecord], model_id: str, token: str | N
         return [server for server, alive in zip(servers, pool.map(answers, servers)) if alive]
 
 
-def choose_span(servers: list[ServerRecord], num_blocks: int, length: int) -> SpanSpec:
-    """The window of `length` blocks whose weakest block has the least throughput (ties: least in total).
+def coverage(servers: list[ServerRecord], num_blocks: int) -> list[float]:
+    """Per block, the throughput of the peers that serve it (draining peers count for nothing).
 
     Peers still joining count with the median throughput of the others, so two machines joining at once
     do not both pile onto the same gap.
     """
-    length = max(1, min(length, num_blocks))
     online = sorted(s.throughput for s in servers if s.state is ServerState.ONLINE and s.throughput > 0)
     nominal = online[len(online) // 2] if online else 1.0
-    coverage = [0.0] * num_blocks
+    covered = [0.0] * num_blocks
     for server in servers:
         if server.state is ServerState.DRAINING:
             continue
         value = server.throughput if server.state is ServerState.ONLINE else nominal
         for index in range(max(0, server.start), min(num_blocks, server.end)):
-            coverage[index] += value
+            covered[index] += value
+    return covered
+
+
+def choose_span(servers: list[ServerRecord], num_blocks: int, length: int) -> SpanSpec:
+    """The window of `length` blocks whose weakest block has the least throughput (ties: least in total,
+    then the first)."""
+    length = max(1, min(length, num_blocks))
+    covered = coverage(servers, num_blocks)
     best = min(
         range(num_blocks - length + 1),
-        key=lambda start: (min(coverage[start:start + length]), sum(coverage[start:start + length]), start),
+        key=lambda start: (min(covered[start:start + length]), sum(covered[start:start + length]), start),
     )
     return SpanSpec(best, best + length)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import signal
 import threading
 import time
@@ -30,7 +32,10 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.training.lora import lora_from_spec
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.display import PeerDisplay
-from tsotsa.peer.selection import blocks_that_fit, choose_span, confirmed_servers
+from tsotsa.peer.rebalance import RebalancePolicy, gives_way_to, plan_move
+from tsotsa.peer.selection import (SESSION_TOKENS, blocks_that_fit, choose_span, confirmed_servers,
+                                   default_cache_bytes, default_max_sessions, free_memory)
+from tsotsa.peer.throughput import measure_throughput
 from tsotsa.peer.roles import CoordinatorOnly
 from tsotsa.peer.service import PeerLimits, PeerService
 
@@ -64,23 +69,7 @@ class PeerOptions:
     tls: TlsSettings | None = None  # mutual TLS on the gRPC server and every channel it opens (tsotsa.tls)
     metrics_port: int | None = None  # Prometheus /metrics in this process (0: a free port; None: off)
     metrics_host: str | None = None  # where /metrics listens (default: host)
-
-
-def measure_throughput(span: BlockSpan, steps: int = 4) -> float:
-    """Tokens/s of a one-token decode step through the whole span, after a short prefill."""
-    hidden = torch.zeros(1, 8, span.config.hidden_size)
-    mask = torch.ones(1, 8, dtype=torch.long)
-    cache = span.new_cache()
-    span(hidden, mask, torch.arange(8).unsqueeze(0), cache)
-    began = 0.0
-    for step in range(steps + 1):  # the first decode step warms up and is not counted
-        if step == 1:
-            began = time.perf_counter()
-        mask = torch.ones(1, 9 + step, dtype=torch.long)
-        span(hidden[:, :1], mask, torch.tensor([[8 + step]]), cache)
-    if span.device.type == "cuda":
-        torch.cuda.synchronize(span.device)
-    return steps / max(time.perf_counter() - began, 1e-9)
+    rebalance: RebalancePolicy | None = None  # move to where the swarm needs blocks more (None: stay)
 
 
 def load_span(options: PeerOptions, info: pb.ModelInfo, config: LlamaConfig, client: CoordinatorClient,
@@ -150,59 +139,21 @@ def serve_peer(options: PeerOptions, say: Callable[[str], None] = print, display
 
 def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, state: StateDir,
            say: Callable[[str], None], display: PeerDisplay, registry: CollectorRegistry) -> None:
-    """Joins the DHT, picks and loads the span, serves it until SIGTERM, then drains and leaves."""
+    """Joins the DHT, picks and loads the span, serves it until SIGTERM (moving when rebalancing says so),
+    then drains and leaves."""
     config = config_from_json(info.config_json)
-    num_blocks = config.num_hidden_layers
-    if options.blocks is not None and options.blocks.end > num_blocks:
-        raise TsotsaError(f"blocks {options.blocks} are outside the model's {num_blocks} blocks")
+    if options.blocks is not None and options.blocks.end > config.num_hidden_layers:
+        raise TsotsaError(f"blocks {options.blocks} are outside the model's {config.num_hidden_layers} blocks")
     dht = start_dht(list(info.dht_initial_peers), host=options.host, port=options.dht_port,
                     identity_path=state.identity_path, token=options.token, nat_traversal=options.nat_traversal)
     try:
-        peer_id = dht.peer_id
+        peer = _ServingPeer(options, info, config, client, dht, say, display, registry)
         spec = options.blocks
         if spec is None:
             length = options.num_blocks or blocks_that_fit(config, options.quant, options.dtype, options.device,
-                                                            options.limits.max_cache_bytes)
-            servers = dht.find_servers(info.model_id, num_blocks)
-            servers.pop(peer_id, None)  # this machine's own record from before a restart
-            spec = choose_span(confirmed_servers(list(servers.values()), info.model_id, options.token,
-                                                 tls=options.tls), num_blocks, length)
-        record = ServerRecord(peer_id=peer_id, address="", start=spec.start, end=spec.end,
-                              state=ServerState.JOINING, throughput=0.0, device=options.device,
-                              dtype=str(options.dtype).removeprefix("torch."), quant=options.quant)
-        dht.announce(info.model_id, record, options.record_ttl)
-        span, source = load_span(options, info, config, client, spec, display)
-        record.throughput = measure_throughput(span)
-
-        service: PeerService | None = None
-
-        def peer_info() -> pb.PeerInfo:
-            metrics = service.metrics
-            return pb.PeerInfo(
-                model_id=info.model_id, peer_id=peer_id, start_block=spec.start, end_block=spec.end,
-                state=record.state.value, device=options.device, dtype=record.dtype, quant=options.quant,
-                throughput=record.throughput, open_sessions=service.sessions.open_count,
-                max_sessions=options.limits.max_sessions, cache_bytes_used=service.sessions.reserved_bytes,
-                cache_bytes_limit=options.limits.max_cache_bytes, checkpoint_bytes_read=source.bytes_read,
-                parameter_bytes_held=span.parameter_bytes, checkpoint_bytes_total=info.total_bytes,
-                rss_bytes=metrics.rss_bytes(), uptime_seconds=metrics.uptime_seconds(),
-                adapters=metrics.adapter_names(), tokens_served=metrics.tokens_served(),
-                steps_served=metrics.steps_served(),
-            )
-
-        coordinator_only = CoordinatorOnly(info.model_id, info.run_signing_key,
-                                           fetch_key=lambda: client.model_info().run_signing_key)
-        service = PeerService(span, info.model_id, num_blocks, options.limits, peer_info, coordinator_only, registry)
-        for run in options.adapters:
-            load_adapter(service.adapters, client, run, spec)
-        workers = options.limits.max_sessions + 8
-        server, port = start_server(lambda server: pb_grpc.add_PeerServicer_to_server(service, server),
-                                    options.host, options.port, options.token, workers=workers,
-                                    max_concurrent_rpcs=workers, tls=options.tls)
-        record.address = f"{options.announce_host or options.host}:{port}"
-        record.dht_addresses = dht.visible_maddrs()
-        record.state = ServerState.ONLINE
-        dht.announce(info.model_id, record, options.record_ttl)
+                                                            peer.limits.max_cache_bytes)
+            spec = choose_span(peer.others(), peer.num_blocks, length)
+        peer.serve(spec)
 
         stop, wake = threading.Event(), threading.Event()  # wake: a signal, or adapters to announce now
 
@@ -212,34 +163,183 @@ def _serve(options: PeerOptions, info: pb.ModelInfo, client: CoordinatorClient, 
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, on_signal)
-        service.adapters.on_change = wake.set
-        say(f"serving blocks {spec} of {info.model_id} at {record.address} as {peer_id} "
-            f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device}); "
-            f"DHT {' '.join(record.dht_addresses)}")
+        peer.on_adapters_changed = wake.set
+        rng = random.Random()
+        policy = options.rebalance
+        next_look = time.monotonic() + policy.next_wait(rng, settling=True) if policy else float("inf")
         while True:
-            wake.wait(options.heartbeat)
+            wake.wait(max(0.05, min(options.heartbeat, next_look - time.monotonic())))
             wake.clear()
             if stop.is_set():
                 break
-            service.sessions.reap()  # idle sessions give their KV cache back even when no one else opens one
-            record.adapters = service.adapters.names
-            _announce_or_warn(dht, info.model_id, record, options.record_ttl, "heartbeat")
-            display.serving(str(spec), service.sessions.open_count, options.limits.max_sessions,
-                            service.metrics.tokens_served())
-
-        # Drain: say so in the DHT (routes skip us), refuse new sessions, let open ones finish. A missed
-        # announcement costs nothing here: clients that still pick this peer are refused and go elsewhere.
-        service.accepting = False
-        record.state = ServerState.DRAINING
-        _announce_or_warn(dht, info.model_id, record, options.record_ttl, "draining announcement")
-        deadline = time.monotonic() + options.drain_timeout
-        while service.sessions.open_count and time.monotonic() < deadline:
-            time.sleep(0.1)
-        server.stop(grace=1).wait()
-        display.close()
-        say(f"left the swarm ({service.sessions.open_count} sessions still open at exit)")
+            peer.heartbeat()
+            if time.monotonic() >= next_look:
+                moved = peer.rebalance(policy, stop)
+                next_look = time.monotonic() + policy.next_wait(rng, settling=moved)
+        peer.leave()
     finally:
         dht.shutdown()
+
+
+class _ServingPeer:
+    """One peer process's serving life under one peer id: its span, service, gRPC server and DHT record,
+    from joining to leaving, moves to other blocks included (the service, its metrics and the port stay)."""
+
+    def __init__(self, options: PeerOptions, info: pb.ModelInfo, config: LlamaConfig, client: CoordinatorClient,
+                 dht: SwarmDHT, say: Callable[[str], None], display: PeerDisplay, registry: CollectorRegistry) -> None:
+        self.options, self.info, self.config, self.client, self.dht = options, info, config, client, dht
+        self.say, self.display, self.registry = say, display, registry
+        self.num_blocks = config.num_hidden_layers
+        self.limits = options.limits  # resolved: the budget now (it sets how many blocks fit), the cap once loaded
+        if self.limits.max_cache_bytes is None:
+            self.limits = dataclasses.replace(self.limits, max_cache_bytes=default_cache_bytes(free_memory(options.device)))
+        self.record: ServerRecord | None = None
+        self.service: PeerService | None = None
+        self.server = None
+        self.port = options.port
+        self.source: Checkpoint | None = None
+        self.on_adapters_changed: Callable[[], None] = lambda: None
+
+    @property
+    def spec(self) -> SpanSpec:
+        return SpanSpec(self.record.start, self.record.end)
+
+    def others(self) -> list[ServerRecord]:
+        """The other peers' records whose peer answers as its record says (not this process's own, also
+        from before a restart)."""
+        servers = self.dht.find_servers(self.info.model_id, self.num_blocks)
+        servers.pop(self.dht.peer_id, None)
+        return confirmed_servers(list(servers.values()), self.info.model_id, self.options.token, tls=self.options.tls)
+
+    def serve(self, spec: SpanSpec, adapters: list[str] | None = None) -> None:
+        """Announces `spec` as joining, loads it, serves it over gRPC (on the port it had, after a move) and
+        announces it online with its measured throughput. `adapters`: the runs served before a move, each
+        fetched anew for the new blocks if the coordinator has it (default: --adapters, which must load)."""
+        options = self.options
+        self.record = ServerRecord(peer_id=self.dht.peer_id, address="", start=spec.start, end=spec.end,
+                                   state=ServerState.JOINING, throughput=0.0, device=options.device,
+                                   dtype=str(options.dtype).removeprefix("torch."), quant=options.quant)
+        self.dht.announce(self.info.model_id, self.record, options.record_ttl)
+        span, self.source = load_span(options, self.info, self.config, self.client, spec, self.display)
+        throughput = measure_throughput(span)
+        if self.limits.max_sessions is None:
+            session = span.cache_bytes(1, min(SESSION_TOKENS, self.config.max_position_embeddings))
+            self.limits = dataclasses.replace(self.limits, max_sessions=default_max_sessions(
+                self.limits.max_cache_bytes, session))
+        if self.service is None:
+            coordinator_only = CoordinatorOnly(self.info.model_id, self.info.run_signing_key,
+                                               fetch_key=lambda: self.client.model_info().run_signing_key)
+            self.service = PeerService(span, self.info.model_id, self.num_blocks, self.limits, self._peer_info,
+                                       coordinator_only, self.registry, throughput=throughput)
+        else:
+            self.service.replace_span(span, throughput)
+        for run in options.adapters if adapters is None else adapters:
+            try:
+                load_adapter(self.service.adapters, self.client, run, spec)
+            except Exception as error:
+                if adapters is None:
+                    raise  # asked for on the command line: the peer does not start without it
+                logger.warning("adapter %s not served on blocks %s: %s", run, spec, error or type(error).__name__)
+        self.service.adapters.on_change = lambda: self.on_adapters_changed()
+        workers = self.limits.max_sessions + 8
+        self.server, self.port = start_server(lambda server: pb_grpc.add_PeerServicer_to_server(self.service, server),
+                                              options.host, self.port, options.token, workers=workers,
+                                              max_concurrent_rpcs=workers, tls=options.tls)
+        record = self.record
+        record.throughput = self.service.throughput.value
+        record.adapters = self.service.adapters.names
+        record.address = f"{options.announce_host or options.host}:{self.port}"
+        record.dht_addresses = self.dht.visible_maddrs()
+        record.state = ServerState.ONLINE
+        self.dht.announce(self.info.model_id, record, options.record_ttl)
+        self.say(f"serving blocks {spec} of {self.info.model_id} at {record.address} as {record.peer_id} "
+                 f"({record.throughput:.1f} tok/s, {options.quant}, {record.dtype}, {options.device}, "
+                 f"KV cache {self.limits.max_cache_bytes >> 20} MiB, up to {self.limits.max_sessions} sessions); "
+                 f"DHT {' '.join(record.dht_addresses)}")
+
+    def _peer_info(self) -> pb.PeerInfo:
+        service, record, options = self.service, self.record, self.options
+        metrics = service.metrics
+        return pb.PeerInfo(
+            model_id=self.info.model_id, peer_id=record.peer_id, start_block=record.start, end_block=record.end,
+            state=record.state.value, device=options.device, dtype=record.dtype, quant=options.quant,
+            throughput=record.throughput, open_sessions=service.sessions.open_count,
+            max_sessions=self.limits.max_sessions, cache_bytes_used=service.sessions.reserved_bytes,
+            cache_bytes_limit=self.limits.max_cache_bytes, checkpoint_bytes_read=self.source.bytes_read,
+            parameter_bytes_held=service.span.parameter_bytes, checkpoint_bytes_total=self.info.total_bytes,
+            rss_bytes=metrics.rss_bytes(), uptime_seconds=metrics.uptime_seconds(),
+            adapters=metrics.adapter_names(), tokens_served=metrics.tokens_served(),
+            steps_served=metrics.steps_served(),
+        )
+
+    def heartbeat(self) -> None:
+        """Reclaims idle sessions (their KV cache is given back even when no one else opens one) and announces
+        the record anew, with the adapters served now and the throughput measured from served work."""
+        service, record = self.service, self.record
+        service.sessions.reap()
+        record.adapters = service.adapters.names
+        record.throughput = service.throughput.value
+        self._announce("heartbeat")
+        self.display.serving(str(self.spec), service.sessions.open_count, self.limits.max_sessions,
+                             service.metrics.tokens_served())
+
+    def rebalance(self, policy: RebalancePolicy, stop: threading.Event) -> bool:
+        """Looks at the swarm and moves where the blocks are needed more (peer/rebalance.py); whether it moved."""
+        if self.service.training.runs:
+            return False  # a fine-tuning run would lose its blocks mid-round
+        try:
+            move = plan_move(self.record, self.others(), self.num_blocks, policy.gain)
+        except Exception as error:  # the DHT slow or unreachable: looked at again next time
+            logger.warning("rebalancing: could not look at the swarm: %s", error or type(error).__name__)
+            return False
+        if move is None:
+            return False
+        self._drain()  # announced: a peer wanting to move at the same moment sees it
+        if stop.wait(policy.confirm):
+            return False  # SIGTERM meanwhile: the caller leaves
+        servers = self.dht.find_servers(self.info.model_id, self.num_blocks)
+        first = gives_way_to(self.record, list(servers.values()))
+        move = plan_move(self.record, self.others(), self.num_blocks, policy.gain) if first is None else None
+        if move is None or self.service.training.runs:
+            self.service.accepting = True
+            self.record.state = ServerState.ONLINE
+            self._announce("announcement")
+            return False
+        self.say(f"moving from blocks {self.spec} to {move.target}: {move.describe()}")
+        adapters = self.service.adapters.names
+        self._wait_for_sessions()
+        self.server.stop(grace=1).wait()
+        self.service.release_span()  # the old blocks' memory is free before the new ones load
+        self.serve(move.target, adapters=adapters)
+        return True
+
+    def leave(self) -> None:
+        """Drain (say so in the DHT, so routes skip us; refuse new sessions; let open ones finish), then stop.
+        A missed announcement costs nothing here: clients that still pick this peer are refused and go
+        elsewhere."""
+        self._drain()
+        self._wait_for_sessions()
+        self.server.stop(grace=1).wait()
+        self.display.close()
+        self.say(f"left the swarm ({self.service.sessions.open_count} sessions still open at exit)")
+
+    def _drain(self) -> None:
+        self.service.accepting = False
+        self.record.state = ServerState.DRAINING
+        self._announce("draining announcement")
+
+    def _wait_for_sessions(self) -> None:
+        deadline = time.monotonic() + self.options.drain_timeout
+        while self.service.sessions.open_count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _announce(self, what: str) -> None:
+        """Announces the record; a failure (the DHT slow or unreachable) is logged, never raised: a missed
+        heartbeat is retried at the next one."""
+        try:
+            self.dht.announce(self.info.model_id, self.record, self.options.record_ttl)
+        except Exception as error:
+            logger.warning("%s failed: %s", what, error or type(error).__name__)
 
 
 def _start_metrics(options: PeerOptions, registry: CollectorRegistry, say: Callable[[str], None]
@@ -253,12 +353,3 @@ def _start_metrics(options: PeerOptions, registry: CollectorRegistry, say: Calla
                            announce_host=(options.announce_host or options.host) if wildcard else None)
     say(f"metrics at {server.url}")
     return server
-
-
-def _announce_or_warn(dht: SwarmDHT, model_id: str, record: ServerRecord, ttl: float, what: str) -> None:
-    """Announces the record; a failure (the DHT slow or unreachable) is logged, never raised: a missed
-    heartbeat is retried at the next one."""
-    try:
-        dht.announce(model_id, record, ttl)
-    except Exception as error:
-        logger.warning("%s failed: %s", what, error or type(error).__name__)

@@ -31,6 +31,7 @@ from tsotsa.peer.requests import RequestChecker
 from tsotsa.peer.roles import CoordinatorOnly
 from tsotsa.runtime import Runtime
 from tsotsa.peer.sessions import Session, SessionTable
+from tsotsa.peer.throughput import ServedThroughput
 from tsotsa.peer.training_rpcs import TrainingService
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PeerLimits:
-    max_sessions: int = 32
-    max_cache_bytes: int = 2 << 30
+    # None: from the peer's memory when it starts (peer/selection.py default_max_sessions, default_cache_bytes);
+    # PeerService takes them resolved
+    max_sessions: int | None = None
+    max_cache_bytes: int | None = None
     max_forward_tokens: int = 8192
     session_timeout: float = 300.0
     open_timeout: float = 30.0  # seconds a new Inference stream may take to send its `open`
@@ -50,22 +53,46 @@ class PeerLimits:
 class PeerService(pb_grpc.PeerServicer):
     def __init__(self, span: BlockSpan, model_id: str, num_model_blocks: int, limits: PeerLimits,
                  info: Callable[[], pb.PeerInfo], coordinator_only: CoordinatorOnly,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, throughput: float = 0.0) -> None:
         """`coordinator_only`: the check every training call passes first (`tsotsa.peer.roles`); `registry`:
-        where the peer's metrics go (the one its /metrics page serves; default a registry of its own)."""
-        self.span, self._info, self.coordinator_only = span, info, coordinator_only
+        where the peer's metrics go (the one its /metrics page serves; default a registry of its own);
+        `throughput`: the start-up probe's (peer/throughput.py), which served work then refines."""
+        self._info, self.coordinator_only = info, coordinator_only
+        self.model_id, self.num_model_blocks, self.max_forward_tokens = model_id, num_model_blocks, \
+            limits.max_forward_tokens
         self.open_timeout = limits.open_timeout
         self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout,
                                      limits.admission_wait)
         self.accepting = True
-        self.adapters = Adapters(span)
         self.metrics = PeerMetrics(
             registry if registry is not None else CollectorRegistry(), open_sessions=lambda: self.sessions.open_count,
             max_sessions=limits.max_sessions, cache_bytes_used=lambda: self.sessions.reserved_bytes,
-            cache_bytes_budget=limits.max_cache_bytes, adapters=lambda: self.adapters.names)
-        self.checker = RequestChecker(model_id, span.config, num_model_blocks, span.span, limits.max_forward_tokens)
+            cache_bytes_budget=limits.max_cache_bytes, adapters=lambda: self.adapters.names if self.adapters else [])
         self.runtime = Runtime(self._run_batch, limits.max_batch, on_batch=self.metrics.batch_sessions.observe)
-        self.training = TrainingService(span, self.adapters, self.checker, self.runtime, self.metrics)
+        self.replace_span(span, throughput)
+
+    def replace_span(self, span: BlockSpan, throughput: float) -> None:
+        """Serves `span` from now on, with no adapters and no training runs (at start, and after a move, once
+        the gRPC server stopped and the sessions drained); the metrics and the runtime thread stay."""
+
+        def swap() -> None:
+            self.span = span
+            self.adapters = Adapters(span)
+            self.checker = RequestChecker(self.model_id, span.config, self.num_model_blocks, span.span,
+                                          self.max_forward_tokens)
+            self.training = TrainingService(span, self.adapters, self.checker, self.runtime, self.metrics)
+            self.throughput = ServedThroughput(throughput, span.span.length)
+            self.accepting = True
+
+        self.runtime.run(swap)
+
+    def release_span(self) -> None:
+        """Lets go of the blocks, their adapters and training runs (a move, before the new blocks load)."""
+
+        def release() -> None:
+            self.span = self.adapters = self.checker = self.training = None
+
+        self.runtime.run(release)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -242,4 +269,8 @@ class PeerService(pb_grpc.PeerServicer):
         start, end, adapter = key
         self._check_adapter(adapter)
         self.adapters.activate(adapter or None)
-        return run_decode_steps(self.span, start, end, steps)
+        began = time.perf_counter()
+        outputs = run_decode_steps(self.span, start, end, steps)
+        if len(steps) == 1 and steps[0].hidden.shape[0] == 1:  # what the announced throughput measures
+            self.throughput.observe(end - start, time.perf_counter() - began)
+        return outputs

@@ -48,8 +48,11 @@ def perturb() -> None:
     from tsotsa.peer import server
     from tsotsa.peer.service import PeerService
 
+    from tsotsa.peer.throughput import ServedThroughput
+
     measure = server.measure_throughput
     server.measure_throughput = lambda span, *args, **kwargs: 10 * measure(span, *args, **kwargs)
+    ServedThroughput.observe = lambda self, blocks, seconds: None  # the claim stands: served work would lower it
     honest_step = PeerService._step
 
     def lying_step(self, session, step):

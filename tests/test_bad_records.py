@@ -145,7 +145,7 @@ def test_status_lists_only_the_real_peers(swarm, vandal, tmp_path: Path) -> None
 
 def test_a_peer_without_blocks_still_joins(swarm, vandal, tmp_path: Path) -> None:
     vandal()
-    (peer,) = swarm.add_peers([None], "--num-blocks", "1")
+    (peer,) = swarm.add_peers([None], "--num-blocks", "1", "--no-rebalance")
     assert 0 <= peer.start < peer.end <= 4
     assert status_peer_ids(swarm, tmp_path) == {peer.peer_id for peer in swarm.peers}
 

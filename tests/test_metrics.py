@@ -105,12 +105,12 @@ def test_a_generation_moves_the_peers_counters_and_frees_its_session(swarm, urls
             == tokens
         assert value(page, "tsotsa:peer_step_latency_seconds_count") - \
             value(old, "tsotsa:peer_step_latency_seconds_count") == steps
-        assert value(page, "tsotsa:kv_cache_bytes_budget") == 2048 << 20  # --cache-mib's default
-        assert value(page, "tsotsa:peer_sessions_max") == 32
         assert value(page, "tsotsa:peer_rss_bytes") > 50 << 20  # torch alone is more
         assert value(page, "tsotsa:peer_uptime_seconds") > 0
         # Info gives the dashboard the same numbers
         info = peer_info(peer.address)
+        assert value(page, "tsotsa:kv_cache_bytes_budget") == info.cache_bytes_limit >= 256 << 20  # from memory
+        assert value(page, "tsotsa:peer_sessions_max") == info.max_sessions >= 4
         assert info.steps_served == value(page, "tsotsa:peer_inference_steps_total")
         assert info.tokens_served == value(page, "tsotsa:peer_tokens_served_total")
         assert info.rss_bytes > 50 << 20 and info.uptime_seconds > 0

@@ -24,10 +24,10 @@ from typer.testing import CliRunner
 from conftest import cli, start_swarm
 from tsotsa.checkpoint import HEAD_PREFIXES, load_config
 from tsotsa.cli import app
-from tsotsa.peer.server import measure_throughput
-from tsotsa.plan import (PEER_CACHE_BYTES, block_bytes, estimated_block_bytes, load_model_config, peer_blocks,
+from tsotsa.peer.throughput import measure_throughput
+from tsotsa.plan import (block_bytes, estimated_block_bytes, load_model_config, peer_blocks,
                          plan_swarm, span_buffer_bytes)
-from tsotsa.peer.selection import blocks_that_fit
+from tsotsa.peer.selection import SESSION_TOKENS, blocks_that_fit, default_cache_bytes, default_max_sessions
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.tiny_model import make_tiny_model
 from tsotsa.v1 import tsotsa_pb2 as pb
@@ -61,17 +61,19 @@ def test_llama_2_7b_nf4_numbers_equal_the_hand_computed_ones() -> None:
 
 def test_llama_2_70b_gqa_spans_are_the_ones_joining_peers_pick() -> None:
     """70B has 8 KV heads for 64 query heads: k and v are 1024 wide. The spans: a 24 GiB machine, 1 GiB
-    reserved, gives a peer 23 GiB x 0.6 - 2 GiB (its KV budget) = 12.67e9 bytes for blocks it estimates at
-    855,654,400 parameters x 0.5625 bytes = 481.3e6 each: 26 blocks; a 16 GiB one 15. Joining largest first,
-    each takes the first uncovered window; the fourth overlaps the third to end at block 80."""
+    reserved, gives a peer 23 GiB x 0.6 = 13.8 GiB, of which its default KV budget takes a fifth (2826 MiB),
+    leaving 11.85e9 bytes for blocks it estimates at 855,654,400 parameters x 0.5625 bytes = 481.3e6 each:
+    24 blocks; a 16 GiB one 16 (next to 1843 MiB). Joining largest first, each takes the first uncovered
+    window."""
     plan = plan_swarm("llama-2-70b", "nf4", torch.bfloat16, [16 * GiB] * 8 + [24 * GiB] * 2).as_json()
     weights = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 8192 * 28672
     assert plan["block"]["weights"] == weights // 2
     assert plan["block"]["statistics"] == weights // 64 * 4 + 7 * 64
     assert plan["kv_bytes_per_session"] == 2 * 80 * 8 * 128 * 4096 * 2
     spans = [(m["start"], m["end"]) for m in plan["machines"] if m["needed"]]
-    assert spans == [(0, 26), (26, 52), (52, 67), (65, 80)]
+    assert spans == [(0, 24), (24, 48), (48, 64), (64, 80)]
     assert [m["replica"] for m in plan["machines"]] == [False] * 4 + [True] * 6
+    assert [m["cache_bytes"] >> 20 for m in plan["machines"]] == [2826] * 2 + [1843] * 8
 
 
 def test_a_planned_peer_takes_as_many_blocks_as_the_peer_itself_would() -> None:
@@ -79,7 +81,7 @@ def test_a_planned_peer_takes_as_many_blocks_as_the_peer_itself_would() -> None:
     the same amount; free memory moves between the two reads, so the plan is taken either side of it."""
     from tsotsa.peer.service import PeerLimits
 
-    assert PeerLimits().max_cache_bytes == PEER_CACHE_BYTES  # the budget a peer reserves unless told
+    assert PeerLimits().max_cache_bytes is None  # the budget a peer reserves unless told: from its memory
     _, config = load_model_config("llama-2-70b")
     for quant, dtype in (("nf4", torch.bfloat16), ("int8", torch.float16), ("none", torch.float16)):
         before = psutil.virtual_memory().available
@@ -105,7 +107,7 @@ def test_machines_that_must_hold_n_sessions_get_the_budget_and_blocks_that_fit_b
         assert machine.blocks * estimate + machine.cache_bytes <= free
         one_more = machine.blocks + 1  # with the budget it would need, rounded up to MiB as --cache-mib is
         assert machine.blocks == config.num_hidden_layers or (
-            one_more * estimate + max(2048 << 20, math.ceil(sessions * session * one_more / (1 << 20)) << 20) > free)
+            one_more * estimate + max(machine.default_cache_bytes, math.ceil(sessions * session * one_more / (1 << 20)) << 20) > free)
         own_pick = peer_blocks(config, "nf4", torch.bfloat16, machine.memory - GiB, machine.cache_bytes)
         assert machine.num_blocks == (None if own_pick == machine.blocks else machine.blocks)
     if model != "llama-2-7b":  # the branch where the peer must be told how many blocks is exercised
@@ -119,8 +121,8 @@ def test_machines_that_must_hold_n_sessions_get_the_budget_and_blocks_that_fit_b
     (["--model", "llama-2-700b"], "not a checkpoint directory, a config.json or a known model"),
     (["--quant", "fp4"], "unknown --quant 'fp4'"),
     (["--dtype", "float64"], "unknown dtype 'float64'"),
-    (["--model", "llama-2-70b", "--machines", "4x16GiB"],
-     "hold 60 of llama-2-70b's 80 blocks (nf4, float32): the other 20 need about"),
+    (["--model", "llama-2-70b", "--machines", "3x16GiB"],
+     "hold 48 of llama-2-70b's 80 blocks (nf4, float32): the other 32 need about"),
 ])
 def test_bad_input_is_one_line(args, message) -> None:
     base = {"--model": "llama-2-7b", "--machines": "2x16GiB", "--quant": "nf4"}
@@ -132,10 +134,12 @@ def test_bad_input_is_one_line(args, message) -> None:
 
 
 def test_too_small_a_swarm_is_told_how_much_more_it_needs() -> None:
-    """4 x 16 GiB hold 4 x 15 = 60 of 70B's blocks; 20 more need a machine where a peer would take 20:
-    1 GiB + (2 GiB + 20 x 855,654,400 x 0.5625) / 0.6 = 19.28 GiB, or 2 more 16 GiB machines."""
-    with pytest.raises(ValueError, match=r"about 19\.28 GiB more memory .* or 2 more like the largest \(16\.00 GiB\)"):
-        plan_swarm("llama-2-70b", "nf4", torch.float32, [16 * GiB] * 4)
+    """3 x 16 GiB hold 3 x 16 = 48 of 70B's blocks; 32 more need a machine where a peer would take 32 next
+    to its default KV budget (a fifth of its share): 1 GiB + 32 x 855,654,400 x 0.5625 / (0.6 x 0.8) =
+    30.88 GiB, or 2 more 16 GiB machines; and a plan with that machine holds them all."""
+    with pytest.raises(ValueError, match=r"about 30\.88 GiB more memory .* or 2 more like the largest \(16\.00 GiB\)"):
+        plan_swarm("llama-2-70b", "nf4", torch.float32, [16 * GiB] * 3)
+    assert plan_swarm("llama-2-70b", "nf4", torch.float32, [16 * GiB] * 3 + [int(30.9 * GiB)]).blocks == 80
 
 
 # ----------------------------------------------------------------------- against what real peers hold
@@ -147,9 +151,13 @@ def checkpoint(tmp_path_factory) -> Path:
                            intermediate=320, vocab=512, seed=3)
 
 
-def held_by_peer(address: str) -> int:
+def info_of(address: str) -> pb.PeerInfo:
     with grpc.insecure_channel(address) as channel:
-        return pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=10).parameter_bytes_held
+        return pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=10)
+
+
+def held_by_peer(address: str) -> int:
+    return info_of(address).parameter_bytes_held
 
 
 def test_bytes_per_block_times_blocks_is_what_peers_hold(checkpoint, tmp_path_factory) -> None:
@@ -165,6 +173,11 @@ def test_bytes_per_block_times_blocks_is_what_peers_hold(checkpoint, tmp_path_fa
         assert held_by_peer(nf4.address) == 2 * plan["block_bytes"] + plan["span_buffer_bytes"]
         dense = block_bytes(config, "none", torch.float32)
         assert held_by_peer(fp32.address) == 4 * dense.total + span_buffer_bytes(config)
+        # no --cache-mib, no --max-sessions: both from the memory free when the peer started (which moves)
+        info, free = info_of(fp32.address), psutil.virtual_memory().available
+        assert default_cache_bytes(free * 0.7) <= info.cache_bytes_limit <= default_cache_bytes(free * 1.4)
+        session = 4 * min(SESSION_TOKENS, config.max_position_embeddings) * plan["kv_bytes_per_token_per_block"]
+        assert info.max_sessions == default_max_sessions(info.cache_bytes_limit, session)
     finally:
         swarm.stop()
     assert plan["block_bytes"] == plan["block_parameter_bytes"] + plan["block"]["statistics"] > 0

@@ -108,7 +108,7 @@ def test_peer_without_blocks_takes_the_uncovered_span(swarm, model, expected) ->
     replicas = replicas_of_the_second_half(swarm, 1)
     replicas[0].process.process.send_signal(signal.SIGKILL)
     swarm.kill_peer(replicas[0])
-    (peer,) = swarm.add_peers([None], "--num-blocks", "2")
+    (peer,) = swarm.add_peers([None], "--num-blocks", "2", "--no-rebalance")
     assert (peer.start, peer.end) == (2, 4)
     assert generate_with(model, 1, lambda: None) == expected
 

@@ -201,7 +201,8 @@ def plan(
                                                      "model's maximum)."),
     sessions: int = typer.Option(1, min=1, help="Sessions of --max-length every peer must hold at once (raises "
                                                 "its --cache-mib where needed)."),
-    cache_mib: int = typer.Option(2048, min=0, help="The peers' KV-cache budget (tsotsa-peer --cache-mib)."),
+    cache_mib: int = typer.Option(None, min=1, help="The peers' KV-cache budget (tsotsa-peer --cache-mib; default: "
+                                                    "each peer's own, 12 % of its free memory)."),
     reserve: str = typer.Option("1GiB", help="Memory the OS and runtime keep on each machine."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as one JSON object."),
 ) -> None:
@@ -211,7 +212,8 @@ def plan(
         from tsotsa.plan import format_plan, parse_machines, parse_size, plan_json, plan_swarm
 
         result = plan_swarm(model, quant, parse_dtype(dtype), parse_machines(machines), max_length=max_length,
-                            sessions=sessions, reserve_bytes=parse_size(reserve), cache_bytes=cache_mib << 20,
+                            sessions=sessions, reserve_bytes=parse_size(reserve),
+                            cache_bytes=cache_mib << 20 if cache_mib else None,
                             device=device)
         print(plan_json(result) if as_json else format_plan(result))
 

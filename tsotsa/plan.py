@@ -43,7 +43,6 @@ NF4_CODE_ENTRIES = 16  # the NF4 code table every quantized layer keeps (float32
 # its first forward repacks the weights for its CPU kernels and keeps absmax in bfloat16.
 NF4_ABSMAX_BYTES = {"cpu": 2, "cuda": 4}
 MiB, GiB = 1 << 20, 1 << 30
-PEER_CACHE_BYTES = 2048 * MiB  # tsotsa-peer's default --cache-mib (PeerLimits.max_cache_bytes)
 _UNITS = {"mib": MiB, "gib": GiB, "tib": 1 << 40, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
 
@@ -222,6 +221,7 @@ class MachinePlan:
     start: int = 0
     end: int = 0
     cache_bytes: int = 0     # its KV-cache budget (--cache-mib)
+    default_cache_bytes: int = 0  # the budget a peer there takes unless given --cache-mib
     weight_bytes: int = 0    # its blocks and their span's rotary tables
     sessions: int = 0        # sessions of max_length its budget holds
     num_blocks: int | None = None  # --num-blocks to give the peer, where its own pick would differ
@@ -259,16 +259,17 @@ class Plan:
 
 
 def plan_swarm(model: str, quant: str, dtype: torch.dtype, machines: list[int], *, max_length: int | None = None,
-               sessions: int = 1, reserve_bytes: int = GiB, cache_bytes: int = PEER_CACHE_BYTES,
+               sessions: int = 1, reserve_bytes: int = GiB, cache_bytes: int | None = None,
                device: str = "cuda") -> Plan:
     """The plan for `machines` (memory in bytes each): largest first, each as a peer joining after the others.
 
     `reserve_bytes` is what the OS, the runtime (the CUDA context on a GPU) and anything else leave in use
-    when the peer starts; `cache_bytes` the peer's KV-cache budget (`--cache-mib`), raised on a machine
-    where `sessions` sessions of `max_length` tokens need more (the peer then takes fewer blocks, and is
-    given that budget). Raises ValueError saying how much memory is missing when the blocks do not fit.
+    when the peer starts; `cache_bytes` the peers' KV-cache budget (`--cache-mib`; None: each peer's own
+    default, `tsotsa.peer.selection.default_cache_bytes` of its free memory), raised on a machine where
+    `sessions` sessions of `max_length` tokens need more (the peer then takes fewer blocks, and is given that
+    budget). Raises ValueError saying how much memory is missing when the blocks do not fit.
     """
-    from tsotsa.peer.selection import choose_span
+    from tsotsa.peer.selection import choose_span, default_cache_bytes
     from tsotsa.records import ServerRecord, ServerState
 
     name, config = load_model_config(model)
@@ -280,9 +281,12 @@ def plan_swarm(model: str, quant: str, dtype: torch.dtype, machines: list[int], 
                 span_buffer_bytes(config), head_bytes(config), per_token, layers * max_length * per_token,
                 reserve_bytes)
     for memory in sorted(machines, reverse=True):
-        blocks, budget, num_blocks = fit_machine(config, quant, dtype, max(0, memory - reserve_bytes), cache_bytes,
+        free = max(0, memory - reserve_bytes)
+        own = default_cache_bytes(free)
+        blocks, budget, num_blocks = fit_machine(config, quant, dtype, free, own if cache_bytes is None else cache_bytes,
                                                  sessions * max_length * per_token)
-        plan.machines.append(MachinePlan(memory, blocks, cache_bytes=budget, num_blocks=num_blocks))
+        plan.machines.append(MachinePlan(memory, blocks, cache_bytes=budget, default_cache_bytes=own,
+                                         num_blocks=num_blocks))
 
     records: list[ServerRecord] = []
     covered = [False] * layers
@@ -301,14 +305,19 @@ def plan_swarm(model: str, quant: str, dtype: torch.dtype, machines: list[int], 
     return plan
 
 
-def missing_memory(plan: Plan, config: LlamaConfig, dtype: torch.dtype, missing: int, cache_bytes: int,
+def missing_memory(plan: Plan, config: LlamaConfig, dtype: torch.dtype, missing: int, cache_bytes: int | None,
                    sessions: int) -> str:
     """What to add when the blocks do not fit: the one extra machine that would hold the rest, as a peer
     there would count it, and how many more machines like the largest."""
-    from tsotsa.peer.selection import MEMORY_FRACTION
+    from tsotsa.peer.selection import KV_SHARE, MEMORY_FRACTION
 
-    budget = max(cache_bytes, sessions * plan.max_length * plan.kv_bytes_per_token_per_block * missing)
-    extra = plan.reserve_bytes + (budget + missing * estimated_block_bytes(config, plan.quant, dtype)) / MEMORY_FRACTION
+    weights = missing * estimated_block_bytes(config, plan.quant, dtype)
+    needed = sessions * plan.max_length * plan.kv_bytes_per_token_per_block * missing
+    if cache_bytes is None:  # the peer's own budget grows with the machine: KV_SHARE of its share
+        share = max(weights / (1 - KV_SHARE), weights + needed)
+    else:
+        share = weights + max(cache_bytes, needed)
+    extra = plan.reserve_bytes + share / MEMORY_FRACTION
     largest = plan.machines[0]
     held = plan.blocks - missing
     like_largest = f", or {math.ceil(missing / largest.blocks)} more like the largest ({gib(largest.memory)})" \
@@ -341,7 +350,7 @@ def format_plan(plan: Plan) -> str:
                          f"{m.cache_bytes // MiB} MiB KV-cache budget")
             continue
         role = "replica" if m.replica else "needed"
-        flags = (f" --cache-mib {m.cache_bytes // MiB}" if m.cache_bytes != PEER_CACHE_BYTES else "") + (
+        flags = (f" --cache-mib {m.cache_bytes // MiB}" if m.cache_bytes != m.default_cache_bytes else "") + (
             f" --num-blocks {m.num_blocks}" if m.num_blocks else "")
         lines.append(f"  {index:>2}. {gib(m.memory):>11}  blocks {m.start:>2}:{m.end:<2} ({m.blocks:>2})  weights "
                      f"{gib(m.weight_bytes)}  KV budget {m.cache_bytes // MiB} MiB ({m.sessions} "
