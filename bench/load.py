@@ -1,7 +1,7 @@
 """A lab's load on one swarm: 1, 4, 8 and 16 concurrent streams through the HTTP API, each for a fixed time,
 against one `transformers` process generating the same prompts batched 1, 4, 8 and 16 (what one machine
-holding the whole model does), the swarm with peer batching switched off (`--max-batch 1`), then churn
-under 8 streams (a replica killed and restarted, a new peer joining) with every output checked.
+holding the whole model does), the swarm with peer batching switched off (`--max-batch 1`) and without
+its batching window (`--batch-window-ms 0`), then churn under 8 streams (a replica killed and restarted, a new peer joining) with every output checked.
 
 One loopback swarm, the model of bench/inference.py (8 blocks x 1024, fp32): --spans even spans, each
 served by two replicas (so churn always leaves one), the HTTP API in the coordinator. Each stream is a
@@ -39,6 +39,8 @@ from inference import load_local_model, make_prompt
 from tsotsa.local_swarm import LocalSwarm
 
 STREAMS = (1, 4, 8, 16)
+# the swarm as served (every phase), and at 16 streams with peer batching off and without its window
+VARIANTS = {"batched": (), "unbatched": ("--max-batch", "1"), "no_window": ("--batch-window-ms", "0")}
 CHURN_STREAMS = 8
 SAME_LOGPROB = 1e-3
 
@@ -196,14 +198,13 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
     spans = even_spans(config.num_hidden_layers, args.spans)
     phases: dict[str, Phase] = {}
     memory: dict[str, int] = {}
-    for batching in (True, False):
+    for variant, peer_args in VARIANTS.items():
         with LocalSwarm(model_dir, cache_dir=workdir / "cache", threads=args.threads, http=True) as swarm:
             swarm.start_coordinator()
-            peer_args = () if batching else ("--max-batch", "1")
             swarm.add_peers(spans * 2, *peer_args)
             load = Load(f"{swarm.http_url}/v1", prompts, args.new_tokens)
             load.run("warm-up", 2, 5.0)
-            if batching:
+            if variant == "batched":
                 memory["start"] = rss(swarm)
                 for streams in STREAMS:
                     phases[f"batched_{streams}"] = phase = load.run(f"swarm, {streams} streams", streams,
@@ -217,8 +218,8 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
                       flush=True)
                 memory["end"] = rss(swarm)
             else:
-                phases["unbatched_16"] = phase = load.run("swarm, 16 streams, --max-batch 1", 16,
-                                                          args.phase_seconds)
+                phases[f"{variant}_16"] = phase = load.run(f"swarm, 16 streams, {' '.join(peer_args)}", 16,
+                                                           args.phase_seconds)
                 print(f"{phase.name}: {phase.agg_tok_s:.1f} tok/s", flush=True)
     return config, hf, phases, memory
 
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         "unbatched_agg_tok_s_16": round(phases["unbatched_16"].agg_tok_s, 3),
         "batching_gain_16": round(sixteen.agg_tok_s / phases["unbatched_16"].agg_tok_s, 3)
         if phases["unbatched_16"].agg_tok_s else None,
+        "no_window_agg_tok_s_16": round(phases["no_window_16"].agg_tok_s, 3),
+        "window_gain_16": round(sixteen.agg_tok_s / phases["no_window_16"].agg_tok_s, 3)
+        if phases["no_window_16"].agg_tok_s else None,
         "churn_ok": len(churn.done), "churn_failed": len(churn.failed), "churn_wrong": churn.wrong,
         "wrong_outputs": sum(p.wrong for p in phases.values()),
         "failed_requests": sum(len(p.failed) for p in phases.values()),

@@ -1,3 +1,3 @@
-from tsotsa.coordinator.cli import app
+from tsotsa.coordinator.cli import main
 
-app(prog_name="tsotsa-coordinator")
+main()

@@ -7,13 +7,13 @@ from pathlib import Path
 import typer
 
 from tsotsa.console import (AdminToken, CoordinatorAddress, LogFormat, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey,
-                            load_tls, run_command, setup_logging)
+                            load_tls, run_app, run_command, setup_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The tsotsa coordinator.")
 
 
 @app.callback()
-def main() -> None:
+def commands() -> None:
     """The coordinator: DHT bootstrap node, model identity and tensors, swarm status."""
 
 
@@ -454,3 +454,8 @@ def export(
             print(merge_adapter(base, adapter_dir, out))
 
     run_command(body)
+
+
+def main() -> None:
+    """The `tsotsa-coordinator` console script."""
+    run_app(app, prog_name="tsotsa-coordinator")

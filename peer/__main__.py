@@ -1,3 +1,3 @@
-from tsotsa.peer.cli import app
+from tsotsa.peer.cli import main
 
-app(prog_name="tsotsa-peer")
+main()

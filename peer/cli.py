@@ -7,13 +7,13 @@ from pathlib import Path
 import typer
 
 from tsotsa.console import (CoordinatorAddress, LogFormat, NatTraversal, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls,
-                            parse_dtype, run_command, setup_logging)
+                            parse_dtype, run_app, run_command, setup_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="A tsotsa peer.")
 
 
 @app.callback()
-def main() -> None:
+def commands() -> None:
     """A peer hosts a span of the model's blocks for the swarm."""
 
 
@@ -35,6 +35,8 @@ def join(
                                                        "sessions as the KV budget holds, 4..128)."),
     max_batch: int = typer.Option(32, min=1, help="Sessions whose decode steps one pass over the blocks may "
                                                "compute together (1: every step alone)."),
+    batch_window_ms: float = typer.Option(2.0, min=0.0, help="Milliseconds a decode pass may wait for the other "
+                                                          "sessions that stepped lately (0: never waits)."),
     cache_mib: int = typer.Option(None, min=1, help="KV-cache budget in MiB over all sessions (default: 12 % of the "
                                                     "memory free at start, at least 256)."),
     session_timeout: float = typer.Option(300.0, help="Seconds an idle session keeps its cache."),
@@ -100,7 +102,7 @@ def join(
             limits=PeerLimits(max_sessions=max_sessions, max_batch=max_batch,
                               max_cache_bytes=cache_mib << 20 if cache_mib else None,
                               session_timeout=session_timeout, open_timeout=open_timeout,
-                              admission_wait=admission_wait),
+                              admission_wait=admission_wait, batch_window=batch_window_ms / 1000),
             drain_timeout=drain_timeout, threads=threads, token=token,
             adapters=[name for name in (adapters or "").split(",") if name], state_dir=state_dir,
             wait_timeout=wait_timeout, nat_traversal=nat_traversal, tls=tls, metrics_port=metrics_port,
@@ -112,3 +114,8 @@ def join(
         serve_peer(options, say=say, display=PeerDisplay(say, live=sys.stdout.isatty() and log_format == "text"))
 
     run_command(body)
+
+
+def main() -> None:
+    """The `tsotsa-peer` console script."""
+    run_app(app, prog_name="tsotsa-peer")

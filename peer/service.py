@@ -25,7 +25,8 @@ from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
-from tsotsa.peer.batching import BatchKey, DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
+from tsotsa.peer.batching import (BatchKey, DecodeStep, RecentSteppers, is_decode_step, prefill_in_chunks,
+                                  run_decode_steps)
 from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.requests import RequestChecker
 from tsotsa.peer.roles import CoordinatorOnly
@@ -48,6 +49,7 @@ class PeerLimits:
     open_timeout: float = 30.0  # seconds a new Inference stream may take to send its `open`
     max_batch: int = 32  # sessions whose decode steps one pass may compute together (1: no batching)
     admission_wait: float = 10.0  # seconds an open may wait in line for room before RESOURCE_EXHAUSTED
+    batch_window: float = 0.002  # seconds a decode pass may wait for the other sessions that stepped lately
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -68,7 +70,9 @@ class PeerService(pb_grpc.PeerServicer):
             registry if registry is not None else CollectorRegistry(), open_sessions=lambda: self.sessions.open_count,
             max_sessions=limits.max_sessions, cache_bytes_used=lambda: self.sessions.reserved_bytes,
             cache_bytes_budget=limits.max_cache_bytes, adapters=lambda: self.adapters.names if self.adapters else [])
-        self.runtime = Runtime(self._run_batch, limits.max_batch, on_batch=self.metrics.batch_sessions.observe)
+        self.steppers = RecentSteppers()
+        self.runtime = Runtime(self._run_batch, limits.max_batch, on_batch=self.metrics.batch_sessions.observe,
+                               window=limits.batch_window, expected=self.steppers.count)
         self.replace_span(span, throughput)
 
     def replace_span(self, span: BlockSpan, throughput: float) -> None:
@@ -150,6 +154,7 @@ class PeerService(pb_grpc.PeerServicer):
         finally:
             unopened.cancel()
             if session is not None:
+                self.steppers.forget((session.start, session.end, session.adapter), session.session_id)
                 self.sessions.close(session)
 
     # ------------------------------------------------- training RPCs, answered by TrainingService
@@ -255,8 +260,9 @@ class PeerService(pb_grpc.PeerServicer):
         else:
             positions = position_ids_from_mask(mask)[:, -length:]
         if is_decode_step(hidden, cache, session.length, session.start - self.span.span.start):  # may share a pass
-            step = DecodeStep(cache, hidden, mask, positions)
-            output = self.runtime.step((session.start, session.end, session.adapter), step).to("cpu", hidden.dtype)
+            key = (session.start, session.end, session.adapter)
+            self.steppers.stepped(key, session.session_id)
+            output = self.runtime.step(key, DecodeStep(cache, hidden, mask, positions)).to("cpu", hidden.dtype)
         else:  # a prefill: in chunks, other sessions' decode passes in between
             output = prefill_in_chunks(lambda *part: self._compute(session.adapter, part[0], *part[1:], cache,
                                                                    session.start, session.end),

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from tsotsa.checkpoint import load_config
-from tsotsa.peer.batching import DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
+from tsotsa.peer.batching import DecodeStep, RecentSteppers, is_decode_step, prefill_in_chunks, run_decode_steps
 from tsotsa.runtime import Runtime
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.tiny_model import make_tiny_model
@@ -95,6 +95,45 @@ def test_steps_queued_while_the_runtime_works_run_as_one_batch():
         thread.join(30)
     assert sorted((key, sorted(items)) for key, items in passes) == [("a", [0, 2, 4]), ("b", [1, 3, 5])]
     assert results == {i: f"{'ab'[i % 2]}:{i}" for i in range(6)}
+
+
+def test_the_window_waits_for_the_sessions_expected_and_a_lone_one_never_waits():
+    """Steps that come a moment apart share a pass when the peer expects them (they stepped lately); a key
+    with one expected session runs at once, even with a window far longer than the test."""
+    passes: list[list] = []
+    taken = threading.Event()  # the runtime took the first step and asked how many to expect
+
+    def expected(key: str) -> int:
+        taken.set()
+        return {"three": 3, "one": 1}[key]
+
+    runtime = Runtime(lambda key, items: (passes.append(list(items)), list(items))[1], max_batch=8, window=60.0,
+                      expected=expected)
+    first = threading.Thread(target=runtime.step, args=("three", 0))
+    first.start()
+    assert taken.wait(30) and not passes  # alone, it would have run by now: it waits for two more
+    later = [threading.Thread(target=runtime.step, args=("three", i)) for i in (1, 2)]
+    for thread in later:
+        thread.start()
+    for thread in [first, *later]:
+        thread.join(30)
+    assert [sorted(items) for items in passes] == [[0, 1, 2]]
+    assert runtime.step("one", 7) == 7 and passes[-1] == [7]
+
+
+def test_a_peers_expected_steps_are_its_sessions_that_stepped_lately():
+    steppers = RecentSteppers(recent=60.0)
+    key, other = (0, 2, ""), (0, 2, "run")
+    steppers.stepped(key, "a")
+    steppers.stepped(key, "b")
+    steppers.stepped(other, "c")
+    assert (steppers.count(key), steppers.count(other), steppers.count((2, 4, ""))) == (2, 1, 0)
+    steppers.forget(key, "a")
+    assert steppers.count(key) == 1
+    stale = RecentSteppers(recent=0.0)
+    stale.stepped(key, "a")
+    threading.Event().wait(0.01)
+    assert stale.count(key) == 0
 
 
 def test_a_failing_pass_fails_its_steps_and_the_runtime_goes_on():

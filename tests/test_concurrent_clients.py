@@ -102,3 +102,32 @@ def test_separate_clients_through_the_same_peers_keep_their_caches_apart(swarm, 
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_long_generation_does_not_starve_a_short_one_that_comes_later(model) -> None:
+    """Fairness, the request as its unit: a 160-token generation is under way when a 4-token one starts.
+    Each pass on a peer takes every session's queued step in arrival order (and prefills run in chunks
+    between passes), so the short one ends a few passes later, while the long one still has most of its
+    tokens to go."""
+    long_ids = model.tokenizer(CALLS[0][0], return_tensors="pt").input_ids
+    short_ids = model.tokenizer(CALLS[1][0], return_tensors="pt").input_ids
+    steps: list[int] = []  # one entry per token step of the long generation
+    under_way = threading.Event()
+
+    def on_long(tokens: torch.Tensor) -> None:
+        steps.append(tokens.shape[-1])
+        if len(steps) == 8:
+            under_way.set()
+
+    long_call = threading.Thread(target=model.generate, args=(long_ids,),
+                                 kwargs=dict(max_new_tokens=160, eos_token_id=-1, on_tokens=on_long))
+    long_call.start()
+    try:
+        assert under_way.wait(120)
+        short = model.generate(short_ids, max_new_tokens=4, eos_token_id=-1)
+        done_meanwhile = len(steps)
+        assert short.shape[1] == short_ids.shape[1] + 4
+        assert long_call.is_alive() and done_meanwhile < 100, done_meanwhile
+    finally:
+        long_call.join(300)
+    assert len(steps) == 160

@@ -26,7 +26,9 @@ import pytest
 from tsotsa.api.dashboard import coverage, run_json
 from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.local_swarm import HTTP_READY, LocalSwarm, ManagedProcess
+from tsotsa.rpc import open_channel
 from tsotsa.v1 import tsotsa_pb2 as pb
+from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 from conftest import cli, finish
 
@@ -162,6 +164,12 @@ def finished_run(swarm: LocalSwarm, timeout: float = 240.0) -> pb.RunInfo:
         return finish(client, RUN, timeout)
 
 
+def max_sessions(address: str) -> int:
+    """The peer's own cap (from its memory unless --max-sessions is given), as its Info says."""
+    with open_channel(address, TOKEN) as channel:
+        return pb_grpc.PeerStub(channel).Info(pb.InfoRequest(), timeout=10).max_sessions
+
+
 def test_dashboard_in_a_browser_shows_the_swarm_and_follows_it(swarm, http_url, browser, tmp_path):
     # Without the key: the page asks for it, a wrong one is refused, the right one opens the dashboard.
     with pytest.raises(urllib.error.HTTPError) as refused:
@@ -187,7 +195,7 @@ def test_dashboard_in_a_browser_shows_the_swarm_and_follows_it(swarm, http_url, 
         peer = peers[row["id"]]
         assert row["address"] == peer.address and row["blocks"] == f"{peer.start}:{peer.end}"
         assert row["rss"].endswith(("MiB", "GiB")) and row["uptime"] != "—"
-        assert row["sessions"].endswith(" / 32") and row["dtype"] == "float32 / none"
+        assert row["sessions"].endswith(f" / {max_sessions(peer.address)}") and row["dtype"] == "float32 / none"
     assert shown["summary"].startswith("every block is served")
     assert wait_until(browser, "the live event stream", lambda s: s["live"] == "live", 15)
 

@@ -11,13 +11,14 @@ import socket
 import time
 from pathlib import Path
 
+import httpx2 as httpx
 import pytest
 from transformers import LlamaForCausalLM
 
-from conftest import connect
+from conftest import cli, connect
 from oracle import PROMPTS, encode_prompts
 from tsotsa.errors import TsotsaError
-from tsotsa.local_swarm import LocalSwarm
+from tsotsa.local_swarm import HTTP_READY, LocalSwarm, ManagedProcess
 from tsotsa.state import StateDir, default_state_dir
 
 NEW_TOKENS = 8
@@ -47,17 +48,38 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_peer_started_before_its_coordinator_joins_once_it_is_up(tiny_model, tmp_path_factory, expected) -> None:
+def test_peer_and_http_api_started_before_their_coordinator_serve_once_it_is_up(tiny_model, tmp_path_factory,
+                                                                                 expected) -> None:
+    from transformers import AutoTokenizer
+
     with LocalSwarm(tiny_model) as swarm:
         swarm.coordinator_address = f"127.0.0.1:{free_port()}"
         early = swarm.start_peer("0:4")
-        time.sleep(10)
-        assert early.process.poll() is None, early.output()
-        waiting = [line for line in early.lines if line.startswith("waiting for the coordinator")]
-        assert waiting and all(swarm.coordinator_address in line for line in waiting), early.output()
-        swarm.start_coordinator()
-        swarm.wait_for_peers([early])
-        assert generate(swarm, tmp_path_factory) == expected
+        api = ManagedProcess("tsotsa serve", [*cli("tsotsa"), "serve", "--coordinator", swarm.coordinator_address,
+                                              "--port", "0"])
+        try:
+            time.sleep(10)
+            for process in (early.process, api.process):
+                assert process.poll() is None, early.output() + api.output()
+            for process in (early, api):
+                waiting = [line for line in process.lines if line.startswith("waiting for the coordinator")]
+                assert waiting and all(swarm.coordinator_address in line for line in waiting), process.output()
+            swarm.start_coordinator()
+            swarm.wait_for_peers([early])
+            assert generate(swarm, tmp_path_factory) == expected
+            url = api.wait_for(HTTP_READY).group(1)
+            reply = httpx.post(f"{url}/v1/completions", json={"model": swarm.model_id, "prompt": PROMPTS[0],
+                                                              "max_tokens": NEW_TOKENS, "temperature": 0},
+                               timeout=120)
+            assert reply.status_code == 200, reply.text
+            tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+            prompt = tokenizer(PROMPTS[0]).input_ids
+            first = [token for token in expected[0] if token != tokenizer.pad_token_id]
+            assert first[:len(prompt)] == prompt  # the longest prompt: the row has no padding
+            assert reply.json()["choices"][0]["text"] == tokenizer.decode(first[len(prompt):],
+                                                                          skip_special_tokens=True)
+        finally:
+            api.terminate()
 
 
 def test_coordinator_whose_remembered_peers_are_all_dead_comes_up(tiny_model, tmp_path, tmp_path_factory,
@@ -109,3 +131,28 @@ def test_one_state_directory_serves_one_process(tmp_path) -> None:
         held.release()
     StateDir(tmp_path / "state", "coordinator").release()  # free again once the holder is gone
     assert default_state_dir("coordinator", "llama-a") != default_state_dir("coordinator", "llama-b")
+
+
+def test_a_peer_killed_with_sigkill_leaves_no_process_behind(tiny_model) -> None:
+    """The OOM killer or `kill -9` ends the peer's own process only: its DHT node (a forked child) and that
+    node's p2pd must not live on, holding the DHT port and memory, until the machine reboots."""
+    import os
+
+    import psutil
+
+    def ended(process: psutil.Process) -> bool:
+        try:
+            return process.status() == psutil.STATUS_ZOMBIE  # dead, its parent not yet told
+        except psutil.NoSuchProcess:
+            return True
+
+    with LocalSwarm(tiny_model) as swarm:
+        swarm.start_coordinator()
+        (peer,) = swarm.add_peers(["0:4"])
+        descendants = psutil.Process(peer.process.pid).children(recursive=True)
+        assert any("p2pd" in " ".join(p.cmdline()) for p in descendants), [p.cmdline() for p in descendants]
+        os.kill(peer.process.pid, signal.SIGKILL)  # the peer's process alone, not its process group
+        deadline = time.monotonic() + 60
+        while not all(map(ended, descendants)):
+            assert time.monotonic() < deadline, [p.cmdline() for p in descendants if not ended(p)]
+            time.sleep(0.5)

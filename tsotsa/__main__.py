@@ -1,3 +1,3 @@
-from tsotsa.cli import app
+from tsotsa.cli import main
 
-app(prog_name="tsotsa")
+main()

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from tsotsa.console import (CoordinatorAddress, LogFormat, SwarmToken, TlsCa, TlsCert, TlsKey, load_tls, parse_dtype,
-                            run_command, setup_logging)
+                            run_app, run_command, setup_logging)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="tsotsa: Llama inference across a swarm.")
 
@@ -168,6 +168,8 @@ def serve(
     workers: int = typer.Option(16, min=1, max=256, help="Generations run at once; more requests wait."),
     verify_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
                                           help="Spot-check peers (docs/security.md); only checked tokens are sent."),
+    wait_timeout: float = typer.Option(None, help="Seconds to wait for an unreachable coordinator before giving "
+                                                  "up (default: wait as long as it takes)."),
     token: SwarmToken = None,
     tls_cert: TlsCert = None,
     tls_key: TlsKey = None,
@@ -182,7 +184,8 @@ def serve(
         from tsotsa.api.server import HttpOptions, serve_http
 
         serve_http(HttpOptions(coordinator=coordinator, host=host, port=port, token=token, tls=tls,
-                               served_name=served_model_name, workers=workers, verify_fraction=verify_fraction),
+                               served_name=served_model_name, workers=workers, verify_fraction=verify_fraction,
+                               wait_timeout=wait_timeout),
                    announce=say)
 
     run_command(body)
@@ -257,3 +260,8 @@ def tls_issue(
               f"--tls-cert {cert.name} --tls-key {key.name} --tls-ca ca.crt")
 
     run_command(body)
+
+
+def main() -> None:
+    """The `tsotsa` console script."""
+    run_app(app, prog_name="tsotsa")

@@ -85,6 +85,32 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
 
 
+def run_app(app: typer.Typer, prog_name: str | None = None) -> None:
+    """A console script's entry point: runs `app` on the command line, where a usage error (a missing
+    option, a value of the wrong type, an unknown flag) is one line on stderr, `error: ...; see 'CMD --help'`,
+    exit status 2, instead of click's usage box; a command given no arguments still prints its help."""
+    try:  # typer 0.2x carries its own copy of click
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    except ImportError:
+        from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
+    try:
+        code = app(prog_name=prog_name, standalone_mode=False)
+    except NoArgsIsHelpError as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except UsageError as error:
+        hint = f"; see '{error.ctx.command_path} --help'" if error.ctx is not None else ""
+        print(f"error: {' '.join(error.format_message().split()).rstrip('.')}{hint}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except ClickException as error:
+        print(f"error: {' '.join(error.format_message().split())}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def run_command(body: Callable[[], None]) -> None:
     """Runs a CLI command: a TsotsaError or bad value becomes `error: ...` on stderr and exit status 1 (in json
     log format, one JSON object with level ERROR; so is any other exception, with its traceback)."""

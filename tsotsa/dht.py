@@ -11,12 +11,15 @@ was found under (`valid_records`) and drop the ones that fail.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import hivemind
+import psutil
 from hivemind.utils import get_dht_time
 
 from tsotsa.admission import load_identity, owner_subkey, record_validators
@@ -109,6 +112,35 @@ def valid_records(found: dict, keys: list[str], num_blocks: int, now: float
     return servers, rejected
 
 
+PARENT_POLL = 1.0  # seconds between two looks of a DHT node's process at whether its parent is still there
+
+
+class OwnedDHT(hivemind.DHT):
+    """hivemind's DHT node, which also ends when the process that started it dies without a clean shutdown.
+
+    The node runs in a forked child with a p2pd grandchild; a peer, client or coordinator killed by
+    SIGKILL (the OOM killer, `kill -9`, a crashed desktop session) would leave both running, holding the
+    DHT port and memory, until the machine reboots. The child watches its parent and, once the parent is
+    gone, kills its own descendants (p2pd) and exits.
+    """
+
+    def run(self) -> None:
+        parent = os.getppid()
+        threading.Thread(target=_exit_with_parent, args=(parent,), name="dht-parent-watch", daemon=True).start()
+        super().run()
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(1)
+
+
 def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False,
               identity_path: str | None = None, token: str | None = None, nat_traversal: bool = False,
               timeout: float = DHT_TIMEOUT, start_timeout: float = DHT_START_TIMEOUT,
@@ -127,7 +159,7 @@ def start_dht(initial_peers: list[str], host: str = "127.0.0.1", port: int = 0, 
     identity = load_identity(identity_path) if identity_path else None
     validators = record_validators(token, identity)
     for _ in range(attempts):
-        dht = hivemind.DHT(
+        dht = OwnedDHT(
             initial_peers=initial_peers or None,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             client_mode=client_mode,

@@ -10,14 +10,19 @@ matrix product.
 
 Unlike them, it batches across users (continuous batching): steps that share a batch key (on a peer, the
 same blocks and adapter) and are queued when the thread becomes free run as one batch (`step`), so one
-pass over the weights serves them all. Nothing waits for a batch to fill: while the thread computes,
-newcomers queue, and the next pass takes every compatible one (up to `max_batch`). Callers join and leave
-between passes. Other work (`run`: prefill, Forward, training) runs alone, in arrival order with the steps.
+pass over the weights serves them all: while the thread computes, newcomers queue, and the next pass
+takes every compatible one (up to `max_batch`). With a `window` and an `expected(key)` count (on a peer:
+its sessions of that key that stepped in the last second), a pass that has fewer steps than expected
+waits up to `window` seconds for the others to arrive, so that sessions whose steps come a moment apart
+(their clients' round trips differ) still share a pass; a lone session never waits. Callers join and
+leave between passes. Other work (`run`: prefill, Forward, training) runs alone, in arrival order with
+the steps.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
@@ -43,8 +48,10 @@ class Runtime:
     `max_batch` 1 turns batching off (every step alone)."""
 
     def __init__(self, batch: BatchFunction | None = None, max_batch: int = 32,
-                 on_batch: Callable[[int], None] | None = None, name: str = "runtime") -> None:
+                 on_batch: Callable[[int], None] | None = None, name: str = "runtime", window: float = 0.0,
+                 expected: Callable[[Hashable], int] | None = None) -> None:
         self._batch, self.max_batch, self._on_batch = batch, max(1, max_batch), on_batch
+        self.window, self._expected = window, expected
         self._queue: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -86,16 +93,29 @@ class Runtime:
                 job = self._queue.popleft()
                 batch = [job]
                 if job.work is None:  # a step: every queued step of its key joins, up to max_batch
-                    for other in list(self._queue):
-                        if len(batch) >= self.max_batch:
-                            break
-                        if other.work is None and other.key == job.key:
-                            batch.append(other)
-                            self._queue.remove(other)
+                    self._gather(batch)
             if job.work is not None:
                 self._finish([job], lambda: [job.work()])
             else:
                 self._finish(batch, lambda: self._batch(job.key, [j.item for j in batch]))
+
+    def _gather(self, batch: list[_Job]) -> None:
+        """Moves the queued steps of the first one's key into `batch`; while fewer than expected, waits (up
+        to the window) for more. Called holding `_ready`, which the wait releases."""
+        key = batch[0].key
+        target = min(self.max_batch, self._expected(key)) if self.window > 0 and self._expected else 0
+        deadline = time.monotonic() + self.window
+        while True:
+            for other in list(self._queue):
+                if len(batch) >= self.max_batch:
+                    return
+                if other.work is None and other.key == key:
+                    batch.append(other)
+                    self._queue.remove(other)
+            remaining = deadline - time.monotonic()
+            if len(batch) >= target or remaining <= 0 or self._closed:
+                return
+            self._ready.wait(remaining)
 
     def _finish(self, jobs: list[_Job], compute: Callable[[], Sequence[Any]]) -> None:
         """Sets each job's result (an item's result may itself be an exception: that item fails alone)."""

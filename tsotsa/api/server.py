@@ -35,6 +35,7 @@ class HttpOptions:
     served_name: str | None = None   # the base model's name in /v1/models (default: the model id)
     workers: int = 16                # generations at once; more requests wait in the queue
     verify_fraction: float = 0.0     # spot checks of peers (docs/security.md); streamed tokens are then verified
+    wait_timeout: float | None = None  # seconds `tsotsa serve` waits for an unreachable coordinator (None: no limit)
 
 
 class HttpApi:
@@ -110,9 +111,16 @@ def _announce(sock: socket.socket, options: HttpOptions, announce) -> None:
 
 
 def serve_http(options: HttpOptions, announce=print) -> None:
-    """`tsotsa serve`: serves until SIGTERM/Ctrl-C (uvicorn's own handlers), then closes the swarm client."""
+    """`tsotsa serve`: waits for the coordinator (machines boot in any order; one line per try), then serves
+    until SIGTERM/Ctrl-C (uvicorn's own handlers), then closes the swarm client."""
     sock = bind(options)
-    api = HttpApi(options)
+    try:
+        with CoordinatorClient(options.coordinator, token=options.token, tls=options.tls) as client:
+            client.wait_for_model_info(options.wait_timeout, announce)
+        api = HttpApi(options)
+    except BaseException:
+        sock.close()
+        raise
     try:
         server = uvicorn_server(api)
         _announce(sock, options, announce)
