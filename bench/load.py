@@ -65,6 +65,7 @@ class Phase:
     done: list[Request] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     wrong: int = 0
+    cpu_ms_per_token: dict[str, float] = field(default_factory=dict)  # by role: api, peers, load generator
 
     @property
     def tokens(self) -> int:
@@ -105,8 +106,12 @@ class Load:
 
         return openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=300)
 
-    def run(self, name: str, streams: int, seconds: float, during=None) -> Phase:
+    def run(self, name: str, streams: int, seconds: float, during=None,
+            roles: dict[str, list[int]] | None = None) -> Phase:
+        """`roles`: processes by role (their DHT children included) whose CPU time per generated token the
+        phase records."""
         phase = Phase(name, streams)
+        cpu_before = {role: cpu_seconds(pids) for role, pids in (roles or {}).items()}
         lock, stop = threading.Lock(), threading.Event()
 
         def stream(index: int) -> None:
@@ -134,6 +139,8 @@ class Load:
         for thread in threads:
             thread.join(600)
         phase.seconds = time.perf_counter() - began
+        for role, before in cpu_before.items():
+            phase.cpu_ms_per_token[role] = 1000 * (cpu_seconds(roles[role]) - before) / max(1, phase.tokens)
         for request in phase.done:  # the first answer to a prompt is its reference
             expected = self.reference.setdefault(request.prompt, request.logprobs)
             if len(expected) != len(request.logprobs) or any(
@@ -169,6 +176,27 @@ def hf_batched(model, prompts: list[torch.Tensor], batch: int, new_tokens: int, 
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         best = max(best, batch * new_tokens / (time.perf_counter() - began))
     return best
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and their descendants so far (this process alone: its
+    children are the swarm's processes, counted in their own roles)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            for one in [process, *([] if pid == os.getpid() else process.children(recursive=True))]:
+                times = one.cpu_times()
+                total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def roles_of(swarm: LocalSwarm) -> dict[str, list[int]]:
+    """The swarm's processes by role: the coordinator holds the HTTP API; this process is the load generator."""
+    return {"api": [swarm.coordinator.pid], "peers": [peer.process.pid for peer in swarm.peers],
+            "load generator": [os.getpid()]}
 
 
 def rss(swarm: LocalSwarm) -> int:
@@ -208,9 +236,10 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
                 memory["start"] = rss(swarm)
                 for streams in STREAMS:
                     phases[f"batched_{streams}"] = phase = load.run(f"swarm, {streams} streams", streams,
-                                                                    args.phase_seconds)
+                                                                    args.phase_seconds, roles=roles_of(swarm))
+                    cpu = ", ".join(f"{role} {ms:.1f}" for role, ms in phase.cpu_ms_per_token.items())
                     print(f"{phase.name}: {phase.agg_tok_s:.1f} tok/s, {len(phase.done)} ok, {len(phase.failed)} "
-                          f"failed, {phase.wrong} wrong", flush=True)
+                          f"failed, {phase.wrong} wrong; CPU ms per token: {cpu}", flush=True)
                 memory["after_load"] = rss(swarm)  # the same peer processes as at the start
                 phases["churn"] = phase = load.run(f"churn, {CHURN_STREAMS} streams", CHURN_STREAMS,
                                                    2 * args.phase_seconds, lambda: churn(swarm, spans, args))
@@ -256,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "no_window_agg_tok_s_16": round(phases["no_window_16"].agg_tok_s, 3),
         "window_gain_16": round(sixteen.agg_tok_s / phases["no_window_16"].agg_tok_s, 3)
         if phases["no_window_16"].agg_tok_s else None,
+        **{f"cpu_ms_per_token_{n}_{role.split()[0]}": round(ms, 2) for n in (1, 16)
+           for role, ms in phases[f"batched_{n}"].cpu_ms_per_token.items()},
         "churn_ok": len(churn.done), "churn_failed": len(churn.failed), "churn_wrong": churn.wrong,
         "wrong_outputs": sum(p.wrong for p in phases.values()),
         "failed_requests": sum(len(p.failed) for p in phases.values()),

@@ -67,14 +67,17 @@ def is_decode_step(hidden: torch.Tensor, cache: DynamicCache, past: int, layer: 
 def run_decode_steps(span: BlockSpan, start: int, end: int, steps: Sequence[DecodeStep]) -> list[torch.Tensor]:
     """Runs every step through global blocks [start, end) in one pass; each session's cache is updated as
     stepping alone would, and its output [b, 1, hidden] (on the span's device) returned, in order."""
+    if len(steps) == 1:  # alone: straight on its own cache, no merged copy in or out
+        step = steps[0]
+        return [span(step.hidden, step.mask, step.positions, step.cache, start, end)]
     first, last = start - span.span.start, end - span.span.start
     longest = max(step.past for step in steps)
     pads = [longest - step.past for step in steps]
     merged = span.new_cache()
     for j in range(first, last):
         layer = merged.layers[j]
-        keys = torch.cat([_left_pad(step.cache.layers[j].keys, pad) for step, pad in zip(steps, pads)])
-        values = torch.cat([_left_pad(step.cache.layers[j].values, pad) for step, pad in zip(steps, pads)])
+        keys = _merge([step.cache.layers[j].keys for step in steps], pads)
+        values = _merge([step.cache.layers[j].values for step in steps], pads)
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
     mask = torch.cat([F.pad(step.mask, (pad, 0)) for step, pad in zip(steps, pads)])
@@ -93,9 +96,20 @@ def run_decode_steps(span: BlockSpan, start: int, end: int, steps: Sequence[Deco
     return outputs
 
 
-def _left_pad(tensor: torch.Tensor, pad: int) -> torch.Tensor:
-    """[batch, heads, length, dim] with `pad` zero positions in front of the length."""
-    return F.pad(tensor, (0, 0, pad, 0)) if pad else tensor
+def _merge(parts: list[torch.Tensor], pads: list[int]) -> torch.Tensor:
+    """The sessions' [b, kv heads, length, head dim] tensors, each left-padded with `pad` zero positions to
+    one length, stacked along the batch: one copy of each part (padding then concatenating would be two)."""
+    first = parts[0]
+    merged = first.new_empty((sum(p.shape[0] for p in parts), first.shape[1], first.shape[2] + pads[0],
+                              first.shape[3]))
+    row = 0
+    for part, pad in zip(parts, pads):
+        rows = slice(row, row + part.shape[0])
+        if pad:
+            merged[rows, :, :pad] = 0
+        merged[rows, :, pad:] = part
+        row = rows.stop
+    return merged
 
 
 def prefill_in_chunks(run: Chunk, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
