@@ -24,8 +24,6 @@ other sessions' decode passes run between the chunks of a long prompt instead of
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +35,6 @@ from tsotsa.spans import BlockSpan
 
 # (start_block, end_block, adapter): steps that may share a pass
 BatchKey = tuple[int, int, str]
-RECENT_STEP = 1.0  # seconds: a session whose last decode step is this recent is expected at its key's next pass
 PREFILL_CHUNK = 128  # prompt tokens one runtime job computes; decode passes of other sessions run in between
 
 Chunk = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,33 +123,3 @@ def prefill_in_chunks(run: Chunk, hidden: torch.Tensor, mask: torch.Tensor, posi
         outputs.append(run(hidden[:, begin:end], mask[:, :past + end], positions[:, begin:end]))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
-
-class RecentSteppers:
-    """Which sessions of each batch key stepped lately: how many steps a pass of that key may expect
-    (the runtime's batching window waits for them, tsotsa/runtime.py)."""
-
-    def __init__(self, recent: float = RECENT_STEP) -> None:
-        self.recent = recent
-        self._last: dict[BatchKey, dict[str, float]] = {}
-        self._lock = threading.Lock()
-
-    def stepped(self, key: BatchKey, session_id: str) -> None:
-        with self._lock:
-            self._last.setdefault(key, {})[session_id] = time.monotonic()
-
-    def forget(self, key: BatchKey, session_id: str) -> None:
-        """The session closed: no pass waits for it."""
-        with self._lock:
-            sessions = self._last.get(key)
-            if sessions is not None:
-                sessions.pop(session_id, None)
-                if not sessions:
-                    del self._last[key]
-
-    def count(self, key: BatchKey) -> int:
-        now = time.monotonic()
-        with self._lock:
-            sessions = self._last.get(key, {})
-            for session_id in [i for i, t in sessions.items() if now - t > self.recent]:
-                del sessions[session_id]
-            return len(sessions)

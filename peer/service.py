@@ -25,12 +25,11 @@ from tsotsa.spans import BlockSpan, position_ids_from_mask
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
-from tsotsa.peer.batching import (BatchKey, DecodeStep, RecentSteppers, is_decode_step, prefill_in_chunks,
-                                  run_decode_steps)
+from tsotsa.peer.batching import BatchKey, DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
 from tsotsa.peer.errors import PeerError, refusals
 from tsotsa.peer.requests import RequestChecker
 from tsotsa.peer.roles import CoordinatorOnly
-from tsotsa.runtime import Runtime
+from tsotsa.runtime import RecentCallers, Runtime
 from tsotsa.peer.sessions import Session, SessionTable
 from tsotsa.peer.throughput import ServedThroughput
 from tsotsa.peer.training_rpcs import TrainingService
@@ -70,7 +69,7 @@ class PeerService(pb_grpc.PeerServicer):
             registry if registry is not None else CollectorRegistry(), open_sessions=lambda: self.sessions.open_count,
             max_sessions=limits.max_sessions, cache_bytes_used=lambda: self.sessions.reserved_bytes,
             cache_bytes_budget=limits.max_cache_bytes, adapters=lambda: self.adapters.names if self.adapters else [])
-        self.steppers = RecentSteppers()
+        self.steppers = RecentCallers()
         self.runtime = Runtime(self._run_batch, limits.max_batch, on_batch=self.metrics.batch_sessions.observe,
                                window=limits.batch_window, expected=self.steppers.count)
         self.replace_span(span, throughput)

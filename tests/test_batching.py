@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from tsotsa.checkpoint import load_config
-from tsotsa.peer.batching import DecodeStep, RecentSteppers, is_decode_step, prefill_in_chunks, run_decode_steps
-from tsotsa.runtime import Runtime
+from tsotsa.peer.batching import DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
+from tsotsa.runtime import RecentCallers, Runtime
 from tsotsa.spans import BlockSpan, SpanSpec
 from tsotsa.tiny_model import make_tiny_model
 
@@ -122,7 +122,7 @@ def test_the_window_waits_for_the_sessions_expected_and_a_lone_one_never_waits()
 
 
 def test_a_peers_expected_steps_are_its_sessions_that_stepped_lately():
-    steppers = RecentSteppers(recent=60.0)
+    steppers = RecentCallers(recent=60.0)
     key, other = (0, 2, ""), (0, 2, "run")
     steppers.stepped(key, "a")
     steppers.stepped(key, "b")
@@ -130,7 +130,7 @@ def test_a_peers_expected_steps_are_its_sessions_that_stepped_lately():
     assert (steppers.count(key), steppers.count(other), steppers.count((2, 4, ""))) == (2, 1, 0)
     steppers.forget(key, "a")
     assert steppers.count(key) == 1
-    stale = RecentSteppers(recent=0.0)
+    stale = RecentCallers(recent=0.0)
     stale.stepped(key, "a")
     threading.Event().wait(0.01)
     assert stale.count(key) == 0

@@ -11,8 +11,8 @@ matrix product.
 Unlike them, it batches across users (continuous batching): steps that share a batch key (on a peer, the
 same blocks and adapter) and are queued when the thread becomes free run as one batch (`step`), so one
 pass over the weights serves them all: while the thread computes, newcomers queue, and the next pass
-takes every compatible one (up to `max_batch`). With a `window` and an `expected(key)` count (on a peer:
-its sessions of that key that stepped in the last second), a pass that has fewer steps than expected
+takes every compatible one (up to `max_batch`). With a `window` and an `expected(key)` count (`RecentCallers`:
+on a peer, its sessions of that key that stepped in the last second), a pass that has fewer steps than expected
 waits up to `window` seconds for the others to arrive, so that sessions whose steps come a moment apart
 (their clients' round trips differ) still share a pass; a lone session never waits. Callers join and
 leave between passes. Other work (`run`: prefill, Forward, training) runs alone, in arrival order with
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+RECENT = 1.0  # seconds: a caller whose last step is this recent is expected at its key's next batch
 
 # Runs one batch of step items of one key on the runtime thread; returns one result per item, in order.
 BatchFunction = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
@@ -132,3 +133,34 @@ class Runtime:
                 j.future.set_exception(result)
             else:
                 j.future.set_result(result)
+
+
+class RecentCallers:
+    """Which callers of each batch key stepped lately: how many steps a batch of that key may expect (the
+    runtime's window waits for them). A caller is any hashable (a session id, a generate call's token)."""
+
+    def __init__(self, recent: float = RECENT) -> None:
+        self.recent = recent
+        self._last: dict[Hashable, dict[Hashable, float]] = {}
+        self._lock = threading.Lock()
+
+    def stepped(self, key: Hashable, caller: Hashable) -> None:
+        with self._lock:
+            self._last.setdefault(key, {})[caller] = time.monotonic()
+
+    def forget(self, key: Hashable, caller: Hashable) -> None:
+        """The caller is done (a session closed, a generate call returned): no batch waits for it."""
+        with self._lock:
+            callers = self._last.get(key)
+            if callers is not None:
+                callers.pop(caller, None)
+                if not callers:
+                    del self._last[key]
+
+    def count(self, key: Hashable) -> int:
+        now = time.monotonic()
+        with self._lock:
+            callers = self._last.get(key, {})
+            for caller in [c for c, t in callers.items() if now - t > self.recent]:
+                del callers[caller]
+            return len(callers)
