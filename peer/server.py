@@ -297,9 +297,13 @@ class _ServingPeer:
         self._drain()  # announced: a peer wanting to move at the same moment sees it
         if stop.wait(policy.confirm):
             return False  # SIGTERM meanwhile: the caller leaves
-        servers = self.dht.find_servers(self.info.model_id, self.num_blocks)
-        first = gives_way_to(self.record, list(servers.values()))
-        move = plan_move(self.record, self.others(), self.num_blocks, policy.gain) if first is None else None
+        try:
+            servers = self.dht.find_servers(self.info.model_id, self.num_blocks)
+            first = gives_way_to(self.record, list(servers.values()))
+            move = plan_move(self.record, self.others(), self.num_blocks, policy.gain) if first is None else None
+        except Exception as error:  # as above: stay, and look again next time
+            logger.warning("rebalancing: could not confirm the move: %s", error or type(error).__name__)
+            move = None
         if move is None or self.service.training.runs:
             self.service.accepting = True
             self.record.state = ServerState.ONLINE
