@@ -305,13 +305,12 @@ class _ServingPeer:
             logger.warning("rebalancing: could not confirm the move: %s", error or type(error).__name__)
             move = None
         if move is None or self.service.training.runs:
-            self.service.accepting = True
-            self.record.state = ServerState.ONLINE
-            self._announce("announcement")
-            return False
+            return self._stay()
+        self._wait_for_sessions()
+        if self.service.training.runs:  # a run opened while the sessions drained: its blocks stay here
+            return self._stay()
         self.say(f"moving from blocks {self.spec} to {move.target}: {move.describe()}")
         adapters = self.service.adapters.names
-        self._wait_for_sessions()
         self.server.stop(grace=1).wait()
         self.service.release_span()  # the old blocks' memory is free before the new ones load
         self.serve(move.target, adapters=adapters)
@@ -326,6 +325,13 @@ class _ServingPeer:
         self.server.stop(grace=1).wait()
         self.display.close()
         self.say(f"left the swarm ({self.service.sessions.open_count} sessions still open at exit)")
+
+    def _stay(self) -> bool:
+        """A move given up after `_drain`: online again, taking sessions; False (it did not move)."""
+        self.service.accepting = True
+        self.record.state = ServerState.ONLINE
+        self._announce("announcement")
+        return False
 
     def _drain(self) -> None:
         self.service.accepting = False
