@@ -192,7 +192,8 @@ class _ServingPeer:
         self.num_blocks = config.num_hidden_layers
         self.limits = options.limits  # resolved: the budget now (it sets how many blocks fit), the cap once loaded
         if self.limits.max_cache_bytes is None:
-            self.limits = dataclasses.replace(self.limits, max_cache_bytes=default_cache_bytes(free_memory(options.device)))
+            budget = default_cache_bytes(free_memory(options.device))
+            self.limits = dataclasses.replace(self.limits, max_cache_bytes=budget)
         self.record: ServerRecord | None = None
         self.service: PeerService | None = None
         self.server = None
@@ -204,12 +205,13 @@ class _ServingPeer:
     def spec(self) -> SpanSpec:
         return SpanSpec(self.record.start, self.record.end)
 
-    def others(self) -> list[ServerRecord]:
-        """The other peers' records whose peer answers as its record says (not this process's own, also
-        from before a restart)."""
-        servers = self.dht.find_servers(self.info.model_id, self.num_blocks)
-        servers.pop(self.dht.peer_id, None)
-        return confirmed_servers(list(servers.values()), self.info.model_id, self.options.token, tls=self.options.tls)
+    def others(self, records: list[ServerRecord] | None = None) -> list[ServerRecord]:
+        """The other peers' records (`records`, else the DHT's now) whose peer answers as its record says;
+        never this process's own, also from before a restart."""
+        if records is None:
+            records = list(self.dht.find_servers(self.info.model_id, self.num_blocks).values())
+        records = [record for record in records if record.peer_id != self.dht.peer_id]
+        return confirmed_servers(records, self.info.model_id, self.options.token, tls=self.options.tls)
 
     def serve(self, spec: SpanSpec, adapters: list[str] | None = None) -> None:
         """Announces `spec` as joining, loads it, serves it over gRPC (on the port it had, after a move) and
@@ -298,9 +300,9 @@ class _ServingPeer:
         if stop.wait(policy.confirm):
             return False  # SIGTERM meanwhile: the caller leaves
         try:
-            servers = self.dht.find_servers(self.info.model_id, self.num_blocks)
-            first = gives_way_to(self.record, list(servers.values()))
-            move = plan_move(self.record, self.others(), self.num_blocks, policy.gain) if first is None else None
+            servers = list(self.dht.find_servers(self.info.model_id, self.num_blocks).values())
+            first = gives_way_to(self.record, servers)  # one lookup for both: the records as of now
+            move = plan_move(self.record, self.others(servers), self.num_blocks, policy.gain) if first is None else None
         except Exception as error:  # as above: stay, and look again next time
             logger.warning("rebalancing: could not confirm the move: %s", error or type(error).__name__)
             move = None
