@@ -1,7 +1,9 @@
 """A lab's load on one swarm: 1, 4, 8 and 16 concurrent streams through the HTTP API, each for a fixed time,
 against one `transformers` process generating the same prompts batched 1, 4, 8 and 16 (what one machine
 holding the whole model does), the swarm with peer batching switched off (`--max-batch 1`) and without
-its batching window (`--batch-window-ms 0`), then churn under 8 streams (a replica killed and restarted, a new peer joining) with every output checked.
+its batching window (`--batch-window-ms 0`), the API without merging its requests' decode steps into one
+message per peer (a `tsotsa serve --no-merge-steps` beside the coordinator's API, at 1 and 16 streams),
+then churn under 8 streams (a replica killed and restarted, a new peer joining) with every output checked.
 
 One loopback swarm, the model of bench/inference.py (8 blocks x 1024, fp32): --spans even spans, each
 served by two replicas (so churn always leaves one), the HTTP API in the coordinator. Each stream is a
@@ -36,7 +38,7 @@ from bench_model import build_or_reuse_model, describe_model, model_summary
 from common import (add_decode_arguments, bench_parser, even_spans, machine_load, parse_decode_args, report,
                     run_in_workdir)
 from inference import load_local_model, make_prompt
-from tsotsa.local_swarm import LocalSwarm
+from tsotsa.local_swarm import HTTP_READY, LocalSwarm, ManagedProcess
 
 STREAMS = (1, 4, 8, 16)
 # the swarm as served (every phase), and at 16 streams with peer batching off and without its window
@@ -241,6 +243,10 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
                     print(f"{phase.name}: {phase.agg_tok_s:.1f} tok/s, {len(phase.done)} ok, {len(phase.failed)} "
                           f"failed, {phase.wrong} wrong; CPU ms per token: {cpu}", flush=True)
                 memory["after_load"] = rss(swarm)  # the same peer processes as at the start
+                for streams in (1, 16):
+                    phases[f"unmerged_{streams}"] = phase = unmerged(swarm, load, streams, args.phase_seconds)
+                    print(f"{phase.name}: {phase.agg_tok_s:.1f} tok/s, {len(phase.done)} ok, {len(phase.failed)} "
+                          f"failed, {phase.wrong} wrong", flush=True)
                 phases["churn"] = phase = load.run(f"churn, {CHURN_STREAMS} streams", CHURN_STREAMS,
                                                    2 * args.phase_seconds, lambda: churn(swarm, spans, args))
                 print(f"{phase.name}: {len(phase.done)} ok, {len(phase.failed)} failed, {phase.wrong} wrong",
@@ -251,6 +257,22 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: ExitStack):
                                                            args.phase_seconds)
                 print(f"{phase.name}: {phase.agg_tok_s:.1f} tok/s", flush=True)
     return config, hf, phases, memory
+
+
+def unmerged(swarm: LocalSwarm, load: Load, streams: int, seconds: float) -> Phase:
+    """A phase through a `tsotsa serve --no-merge-steps` of the same swarm: every request's session steps
+    on its own streams (the coordinator's API, merging, stays idle meanwhile)."""
+    env = {**swarm._env(), "TSOTSA_CACHE": str(swarm.cache_dir / "serve")} if swarm.cache_dir else swarm._env()
+    server = ManagedProcess("serve", [sys.executable, "-m", "tsotsa", "serve", "--coordinator",
+                                      swarm.coordinator_address, "--port", "0", "--no-merge-steps"], env)
+    try:
+        other = Load(f"{server.wait_for(HTTP_READY).group(1)}/v1", load.prompts, load.new_tokens)
+        other.reference = load.reference  # outputs checked against the same first answers
+        other.run("warm-up", 2, 5.0)
+        roles = {**roles_of(swarm), "api": [server.pid]}
+        return other.run(f"swarm, {streams} streams, API --no-merge-steps", streams, seconds, roles=roles)
+    finally:
+        server.terminate()
 
 
 def churn(swarm: LocalSwarm, spans: list[str], args: argparse.Namespace) -> None:
@@ -283,10 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         "batching_gain_16": round(sixteen.agg_tok_s / phases["unbatched_16"].agg_tok_s, 3)
         if phases["unbatched_16"].agg_tok_s else None,
         "no_window_agg_tok_s_16": round(phases["no_window_16"].agg_tok_s, 3),
+        **{f"unmerged_agg_tok_s_{n}": round(phases[f"unmerged_{n}"].agg_tok_s, 3) for n in (1, 16)},
+        "merge_gain_16": round(sixteen.agg_tok_s / phases["unmerged_16"].agg_tok_s, 3)
+        if phases["unmerged_16"].agg_tok_s else None,
         "window_gain_16": round(sixteen.agg_tok_s / phases["no_window_16"].agg_tok_s, 3)
         if phases["no_window_16"].agg_tok_s else None,
         **{f"cpu_ms_per_token_{n}_{role.split()[0]}": round(ms, 2) for n in (1, 16)
            for role, ms in phases[f"batched_{n}"].cpu_ms_per_token.items()},
+        **{f"unmerged_cpu_ms_per_token_16_{role.split()[0]}": round(ms, 2)
+           for role, ms in phases["unmerged_16"].cpu_ms_per_token.items()},
         "churn_ok": len(churn.done), "churn_failed": len(churn.failed), "churn_wrong": churn.wrong,
         "wrong_outputs": sum(p.wrong for p in phases.values()),
         "failed_requests": sum(len(p.failed) for p in phases.values()),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 
 import grpc
 
@@ -32,3 +34,18 @@ def refusals(what: str):
         return guarded
 
     return wrap
+
+
+@contextlib.contextmanager
+def stream_refusals(context: grpc.ServicerContext, what: str) -> Iterator[None]:
+    """What `refusals` does, for the body of a streaming RPC: a PeerError ends the stream with its status,
+    anything else with INTERNAL (logged); a client that cancelled or went away just ends it."""
+    try:
+        yield
+    except PeerError as error:
+        context.abort(error.code, error.message)
+    except grpc.RpcError:
+        return
+    except Exception as error:
+        logger.exception("%s failed", what)
+        context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {error}")

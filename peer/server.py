@@ -243,7 +243,7 @@ class _ServingPeer:
                     raise  # asked for on the command line: the peer does not start without it
                 logger.warning("adapter %s not served on blocks %s: %s", run, spec, error or type(error).__name__)
         self.service.adapters.on_change = lambda: self.on_adapters_changed()
-        workers = self.limits.max_sessions + 8
+        workers = self.limits.max_sessions + self.limits.max_links + 8
         self.server, self.port = start_server(lambda server: pb_grpc.add_PeerServicer_to_server(self.service, server),
                                               options.host, self.port, options.token, workers=workers,
                                               max_concurrent_rpcs=workers, tls=options.tls)

@@ -26,7 +26,8 @@ from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 from tsotsa.peer.adapters import Adapters
 from tsotsa.peer.batching import BatchKey, DecodeStep, is_decode_step, prefill_in_chunks, run_decode_steps
-from tsotsa.peer.errors import PeerError, refusals
+from tsotsa.peer.errors import PeerError, refusals, stream_refusals
+from tsotsa.peer.links import Links, StepInputs, check_link_key, check_linked_ids, refuse
 from tsotsa.peer.requests import RequestChecker
 from tsotsa.peer.roles import CoordinatorOnly
 from tsotsa.runtime import RecentCallers, Runtime
@@ -49,6 +50,7 @@ class PeerLimits:
     max_batch: int = 32  # sessions whose decode steps one pass may compute together (1: no batching)
     admission_wait: float = 10.0  # seconds an open may wait in line for room before RESOURCE_EXHAUSTED
     batch_window: float = 0.002  # seconds a decode pass may wait for the other sessions that stepped lately
+    max_links: int = 32  # clients' Link streams open at once (each holds a server thread, like a session)
 
 
 class PeerService(pb_grpc.PeerServicer):
@@ -65,6 +67,7 @@ class PeerService(pb_grpc.PeerServicer):
         self.sessions = SessionTable(limits.max_sessions, limits.max_cache_bytes, limits.session_timeout,
                                      limits.admission_wait)
         self.accepting = True
+        self.links = Links(limits.max_links)
         self.metrics = PeerMetrics(
             registry if registry is not None else CollectorRegistry(), open_sessions=lambda: self.sessions.open_count,
             max_sessions=limits.max_sessions, cache_bytes_used=lambda: self.sessions.reserved_bytes,
@@ -117,44 +120,60 @@ class PeerService(pb_grpc.PeerServicer):
     def Inference(self, requests: Iterator[pb.InferenceRequest], context: grpc.ServicerContext
                   ) -> Iterator[pb.InferenceResponse]:
         session: Session | None = None
-        # A stream that never opens a session would hold one of the server's workers for ever: cancelled.
-        unopened = threading.Timer(self.open_timeout, context.cancel)
-        unopened.daemon = True
-        unopened.start()
+        unopened = self._until_opened(context)
         try:
-            for request in requests:
-                unopened.cancel()
-                kind = request.WhichOneof("kind")
-                if kind == "open":
-                    if session is not None:
-                        raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session")
-                    session = self._open(request.session_id, request.open)
-                    yield pb.InferenceResponse(session_id=session.session_id, cache_length=0)
-                elif kind == "step":
-                    if session is None or request.session_id != session.session_id:
-                        raise self.sessions.refusal(request.session_id)
-                    self.sessions.touch(session)
-                    began = time.perf_counter()
-                    output, tokens = self._step(session, request.step)
-                    self.metrics.step_latency.observe(time.perf_counter() - began)
-                    self.metrics.steps.inc()
-                    self.metrics.tokens.inc(tokens)
-                    yield pb.InferenceResponse(session_id=session.session_id, hidden_states=output,
-                                               cache_length=session.length)
-                else:
-                    raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "request has neither open nor step")
-        except PeerError as error:
-            context.abort(error.code, error.message)
-        except grpc.RpcError:
-            return  # the client cancelled or went away; its session is closed below
-        except Exception as error:
-            logger.exception("Inference failed")
-            context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {error}")
+            with stream_refusals(context, "inference"):
+                for request in requests:
+                    unopened.cancel()
+                    kind = request.WhichOneof("kind")
+                    if kind == "open":
+                        if session is not None:
+                            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, "this stream already has a session")
+                        session = self._open(request.session_id, request.open)
+                        yield pb.InferenceResponse(session_id=session.session_id, cache_length=0)
+                    elif kind == "step":
+                        if session is None or request.session_id != session.session_id:
+                            raise self.sessions.refusal(request.session_id)
+                        self.sessions.touch(session)
+                        began = time.perf_counter()
+                        output, tokens = self._step(session, request.step)
+                        self._count_step(began, tokens)
+                        yield pb.InferenceResponse(session_id=session.session_id, hidden_states=output,
+                                                   cache_length=session.length)
+                    else:
+                        raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "request has neither open nor step")
         finally:
             unopened.cancel()
             if session is not None:
                 self.steppers.forget((session.start, session.end, session.adapter), session.session_id)
                 self.sessions.close(session)
+
+    def Link(self, requests: Iterator[pb.LinkRequest], context: grpc.ServicerContext) -> Iterator[pb.LinkResponse]:
+        """A client's decode steps for several of its sessions per message, run as one batch (peer/links.py)."""
+        key: bytes | None = None
+        unopened = self._until_opened(context)
+        try:
+            with stream_refusals(context, "link"):
+                for request in requests:
+                    unopened.cancel()
+                    kind = request.WhichOneof("kind")
+                    if kind == "open":
+                        if key is not None:
+                            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, "this link is already open")
+                        self.checker.check_model(request.open.model_id)
+                        key = check_link_key(request.open.link_key)
+                        self.links.enter()
+                        yield pb.LinkResponse()
+                    elif kind == "steps":
+                        if key is None:
+                            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, "open the link before its steps")
+                        yield self._linked_steps(key, request.steps)
+                    else:
+                        raise PeerError(grpc.StatusCode.INVALID_ARGUMENT, "request has neither open nor steps")
+        finally:
+            unopened.cancel()
+            if key is not None:
+                self.links.leave()
 
     # ------------------------------------------------- training RPCs, answered by TrainingService
 
@@ -233,19 +252,35 @@ class PeerService(pb_grpc.PeerServicer):
             session_id=session_id, start=request.start_block, end=request.end_block, batch_size=request.batch_size,
             max_length=request.max_length, reserved_bytes=reserved, cache=self.span.new_cache(),
             attention_mask=torch.zeros(request.batch_size, 0, dtype=torch.long), adapter=request.adapter,
+            link_key=check_link_key(request.link_key) if request.link_key else b"",
         )
         self.sessions.open(session)
         return session
 
-    def _step(self, session: Session, step: pb.InferenceStep) -> tuple[pb.Tensor, int]:
-        """One step of a session that `touch` just found open, and the token positions it computed; nothing
-        changes unless the step is valid."""
-        cache = session.cache  # held here: if the session expires while waiting for the lock, this step still ends
+    def _until_opened(self, context: grpc.ServicerContext) -> threading.Timer:
+        """A stream that never opens would hold one of the server's workers for ever: cancelled after
+        `open_timeout` unless the timer is cancelled first (by the stream's first message)."""
+        unopened = threading.Timer(self.open_timeout, context.cancel)
+        unopened.daemon = True
+        unopened.start()
+        return unopened
+
+    def _count_step(self, began: float, tokens: int) -> None:
+        self.metrics.step_latency.observe(time.perf_counter() - began)
+        self.metrics.steps.inc()
+        self.metrics.tokens.inc(tokens)
+
+    def _inputs(self, session: Session, step: pb.InferenceStep, linked: bool = False) -> StepInputs:
+        """A step of `session` validated against it (nothing changes yet); `linked`: a Link's, which must be
+        one new token per row."""
 
         def fits(batch: int, length: int) -> None:
             if batch != session.batch_size:
                 raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"hidden_states batch {batch} differs from the session's {session.batch_size}")
+            if linked and length != 1:
+                raise PeerError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a linked step holds one token per row, not {length}")
             if session.length + length > session.max_length:
                 raise PeerError(grpc.StatusCode.OUT_OF_RANGE, f"{session.length} + {length} tokens exceed the "
                                 f"session's max_length {session.max_length}")
@@ -258,16 +293,88 @@ class PeerService(pb_grpc.PeerServicer):
             positions = self.checker.positions(step, batch, length, new_mask)
         else:
             positions = position_ids_from_mask(mask)[:, -length:]
-        if is_decode_step(hidden, cache, session.length, session.start - self.span.span.start):  # may share a pass
-            key = (session.start, session.end, session.adapter)
-            self.steppers.stepped(key, session.session_id)
-            output = self.runtime.step(key, DecodeStep(cache, hidden, mask, positions)).to("cpu", hidden.dtype)
-        else:  # a prefill: in chunks, other sessions' decode passes in between
-            output = prefill_in_chunks(lambda *part: self._compute(session.adapter, part[0], *part[1:], cache,
-                                                                   session.start, session.end),
-                                       hidden, mask, positions)
-        session.attention_mask = mask
-        return encode(output, hidden.dtype), batch * length
+        # held here: if the session expires while its step waits for the runtime, this step still ends
+        cache = session.cache
+        decode = is_decode_step(hidden, cache, session.length, session.start - self.span.span.start)
+        if linked and not decode:
+            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, "a linked step must follow the session's first "
+                            "step on its own stream")
+        return StepInputs((session.start, session.end, session.adapter), DecodeStep(cache, hidden, mask, positions),
+                          decode)
+
+    def _step(self, session: Session, step: pb.InferenceStep) -> tuple[pb.Tensor, int]:
+        """One step of a session that `touch` just found open, and the token positions it computed; nothing
+        changes unless the step is valid."""
+        session.claim()
+        try:
+            inputs = self._inputs(session, step)
+            work = inputs.work
+            if inputs.decode:  # may share a pass
+                self.steppers.stepped(inputs.key, session.session_id)
+                output = self.runtime.step(inputs.key, work)
+            else:  # a prefill: in chunks, other sessions' decode passes in between
+                output = prefill_in_chunks(lambda *part: self._compute(session.adapter, part[0], *part[1:],
+                                                                       work.cache, session.start, session.end),
+                                           work.hidden, work.mask, work.positions)
+            session.attention_mask = work.mask
+        finally:
+            session.release()
+        return encode(output.to("cpu", work.hidden.dtype), work.hidden.dtype), work.hidden.shape[0] * \
+            work.hidden.shape[1]
+
+    def _linked_steps(self, key: bytes, message: pb.LinkSteps) -> pb.LinkResponse:
+        """A Link message: every valid step queued on the runtime at once (so they share passes), each
+        refused one answered with its code while the others run."""
+        began = time.perf_counter()
+        steps = message.steps
+        check_linked_ids([item.session_id for item in steps], self.sessions.max_sessions)
+        results = [pb.LinkedResult(session_id=item.session_id) for item in steps]
+        accepted: list[tuple[int, Session, StepInputs]] = []
+        for index, item in enumerate(steps):
+            try:
+                session = self.sessions.linked(item.session_id, key)
+                session.claim()
+            except PeerError as error:
+                refuse(results[index], error)
+                continue
+            try:
+                accepted.append((index, session, self._inputs(session, item.step, linked=True)))
+            except PeerError as error:
+                session.release()
+                refuse(results[index], error)
+        try:
+            self._run_linked(accepted, results, began)
+        finally:
+            for _, session, _ in accepted:
+                session.release()
+        self.metrics.link_steps.observe(len(steps))
+        return pb.LinkResponse(results=results)
+
+    def _run_linked(self, accepted: list[tuple[int, Session, StepInputs]], results: list[pb.LinkedResult],
+                    began: float) -> None:
+        """Queues the accepted steps, those of one batch key together, and fills in their results."""
+        by_key: dict[BatchKey, list[tuple[int, Session, StepInputs]]] = {}
+        for entry in accepted:
+            self.steppers.stepped(entry[2].key, entry[1].session_id)
+            by_key.setdefault(entry[2].key, []).append(entry)
+        futures = {}
+        for batch_key, entries in by_key.items():
+            for entry, future in zip(entries, self.runtime.submit_steps(batch_key, [e[2].work for e in entries])):
+                futures[entry[0]] = future
+        for index, session, inputs in accepted:
+            try:
+                output = futures[index].result()
+            except PeerError as error:
+                refuse(results[index], error)
+            except Exception as error:
+                logger.exception("a linked step failed")
+                refuse(results[index], PeerError(grpc.StatusCode.INTERNAL, f"inference failed: {error}"))
+            else:
+                session.attention_mask = inputs.work.mask
+                hidden = inputs.work.hidden
+                results[index].hidden_states.CopyFrom(encode(output.to("cpu", hidden.dtype), hidden.dtype))
+                results[index].cache_length = session.length
+                self._count_step(began, hidden.shape[0])
 
     def _run_batch(self, key: BatchKey, steps: Sequence[DecodeStep]) -> list[torch.Tensor]:
         """On the runtime thread: decode steps of sessions over the same blocks and adapter, in one pass."""

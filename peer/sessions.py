@@ -8,11 +8,15 @@ the budget is refused at once. Sessions idle past
 the timeout are reclaimed by the peer's heartbeat (`reap`), when capacity is needed, or when their own
 next step finds them idle, whichever comes first; their cache is dropped, so the bytes they gave back are
 really free, and their streams then get NOT_FOUND ("expired").
-A session belongs to the stream that opened it: no other stream may step it, refresh it or close it.
+A session belongs to the stream that opened it: no other stream may step it, refresh it or close it, with
+one exception its opener chooses: a session opened with a `link_key` may also be stepped on that client's
+Link stream holding the same key (`linked`), where its decode steps travel with the client's other
+sessions'. One step at a time either way (`claim`): a second, on the other stream, is refused.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections import OrderedDict
@@ -39,11 +43,22 @@ class Session:
     cache: DynamicCache | None                    # None once the session expired
     attention_mask: torch.Tensor                  # [batch, tokens seen so far]
     adapter: str = ""                             # the adapter the session applies ("" for the base model)
+    link_key: bytes = b""                         # the key of the client's Link stream that may step it too
     last_used: float = field(default_factory=time.monotonic)
+    _stepping: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def length(self) -> int:
         return self.attention_mask.shape[1]
+
+    def claim(self) -> None:
+        """Marks a step under way (`release` ends it); FAILED_PRECONDITION while another one is: a session
+        stepped on its stream and its link at once would see its cache change under it."""
+        if not self._stepping.acquire(blocking=False):
+            raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, f"session {self.session_id} is taking a step already")
+
+    def release(self) -> None:
+        self._stepping.release()
 
 
 class SessionTable:
@@ -124,13 +139,28 @@ class SessionTable:
         Looking does not refresh another stream's session, so a stranger cannot keep it from expiring.
         """
         with self._lock:
-            if session_id in self._sessions:
-                return PeerError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"session {session_id} was not opened on this stream")
-            if session_id in self._expired:
-                return self._expired_error(session_id)
-            # cut short: an id of megabytes echoed back would not fit in the status's trailer
-            return PeerError(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id[:MAX_SESSION_ID]!r}")
+            return self._refusal(session_id, "was not opened on this stream")
+
+    def linked(self, session_id: str, link_key: bytes) -> Session:
+        """The open session `session_id`, touched, for a step on the Link stream holding `link_key`; or the
+        refusal: opened without that key (FAILED_PRECONDITION, and not refreshed), expired, or unknown."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None and time.monotonic() - session.last_used > self.idle_timeout:
+                self._forget(session_id)
+                session = None
+            if session is None or not session.link_key or not hmac.compare_digest(session.link_key, link_key):
+                raise self._refusal(session_id, "was not opened for this link")
+            session.last_used = time.monotonic()
+            return session
+
+    def _refusal(self, session_id: str, foreign: str) -> PeerError:
+        if session_id in self._sessions:
+            return PeerError(grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id} {foreign}")
+        if session_id in self._expired:
+            return self._expired_error(session_id)
+        # cut short: an id of megabytes echoed back would not fit in the status's trailer
+        return PeerError(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id[:MAX_SESSION_ID]!r}")
 
     def close(self, session: Session) -> None:
         """Ends a stream's session; if it expired and its id was reopened since, the newcomer stays open."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,3 +91,27 @@ def finish(client, name: str, timeout: float = 300.0, poll: float = 0.5):
         time.sleep(poll)
     assert info.state == "finished", info.message
     return info
+
+
+def run_all(calls: list, work) -> list:
+    """Runs work(i, call) for every call in its own thread, all started together; re-raises any failure."""
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(calls))
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            results[index] = work(index, calls[index])
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not any(thread.is_alive() for thread in threads), "a generating thread hangs"
+    if errors:
+        raise errors[0]
+    return results

@@ -1,4 +1,4 @@
-"""An Inference stream held open between requests, for tests that talk to a peer directly."""
+"""An Inference (or Link) stream held open between requests, for tests that talk to a peer directly."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
 
 class Stream:
-    """An Inference stream held open between requests, so a test can interleave other calls with it."""
+    """A stream of the peer's `rpc` (Inference or Link) held open between requests, so a test can interleave
+    other calls with it."""
 
-    def __init__(self, stub: pb_grpc.PeerStub, timeout: float = 30.0) -> None:
+    def __init__(self, stub: pb_grpc.PeerStub, rpc: str = "Inference", timeout: float = 30.0) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = stub.Inference(iter(self._requests.get, None), timeout=timeout)
+        self._call = getattr(stub, rpc)(iter(self._requests.get, None), timeout=timeout)
 
-    def send(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
+    def send(self, request: pb.InferenceRequest | pb.LinkRequest) -> pb.InferenceResponse | pb.LinkResponse:
         self._requests.put(request)
         return next(self._call)
 

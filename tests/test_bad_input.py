@@ -20,7 +20,8 @@ import pytest
 import torch
 from conftest import start_swarm
 
-from tsotsa.codec import encode
+from tsotsa.client.streams import STATUS_CODES
+from tsotsa.codec import decode, encode
 from tsotsa.local_swarm import LocalSwarm
 from tsotsa.v1 import tsotsa_pb2 as pb
 from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
@@ -72,9 +73,10 @@ def forward(model_id: str, start: int = 0, end: int = 2, hidden_states: pb.Tenso
 
 
 def open_session(model_id: str, session_id: str = "s", start: int = 0, end: int = 2, batch_size: int = 1,
-                 max_length: int = 16) -> pb.InferenceRequest:
+                 max_length: int = 16, link_key: bytes = b"") -> pb.InferenceRequest:
     return pb.InferenceRequest(session_id=session_id, open=pb.OpenSession(
-        model_id=model_id, start_block=start, end_block=end, batch_size=batch_size, max_length=max_length))
+        model_id=model_id, start_block=start, end_block=end, batch_size=batch_size, max_length=max_length,
+        link_key=link_key))
 
 
 def step(session_id: str = "s", hidden_states: pb.Tensor | None = None, **tensors: pb.Tensor) -> pb.InferenceRequest:
@@ -94,13 +96,13 @@ def run_stream(stub: pb_grpc.PeerStub, requests: list[pb.InferenceRequest]) -> l
     return list(stub.Inference(iter(requests), timeout=30))
 
 
-def assert_stream_refused(stub: pb_grpc.PeerStub, requests: list[pb.InferenceRequest], code: grpc.StatusCode,
-                          text: str) -> None:
-    """Every request but the last is answered; the last one ends the stream with `code`."""
-    answered: list[pb.InferenceResponse] = []
+def assert_stream_refused(stub: pb_grpc.PeerStub, requests: list, code: grpc.StatusCode, text: str,
+                          rpc: str = "Inference") -> None:
+    """Every request but the last is answered; the last one ends the stream (of `rpc`) with `code`."""
+    answered: list = []
 
     def consume() -> None:
-        for response in stub.Inference(iter(requests), timeout=30):
+        for response in getattr(stub, rpc)(iter(requests), timeout=30):
             answered.append(response)
 
     assert_refused(consume, code, text)
@@ -344,6 +346,83 @@ def test_a_stream_that_never_opens_a_session_is_closed(stub, swarm) -> None:
         requests.put(None)  # lets gRPC's request thread of this call end
     assert closed.value.code() == Code.CANCELLED
     assert time.monotonic() - began < 30  # the open timeout, not the client's own 60 s deadline
+    assert_serves(stub, swarm.model_id)
+
+
+# -------------------------------------------------------------------------------------------- Link
+
+KEY = bytes(range(16))
+
+
+def link_open(model_id: str, key: bytes = KEY) -> pb.LinkRequest:
+    return pb.LinkRequest(open=pb.LinkOpen(model_id=model_id, link_key=key))
+
+
+def linked(*steps: tuple[str, pb.Tensor]) -> pb.LinkRequest:
+    return pb.LinkRequest(steps=pb.LinkSteps(steps=[pb.LinkedStep(session_id=session_id, step=pb.InferenceStep(
+        hidden_states=tensor)) for session_id, tensor in steps]))
+
+
+BAD_LINKS = {
+    # name: (requests given the model id, status code, text in the details)
+    "steps before open": (lambda m: [linked(("s", hidden(1, 1)))], Code.FAILED_PRECONDITION, "open the link"),
+    "empty request": (lambda m: [pb.LinkRequest()], Code.INVALID_ARGUMENT, "neither open nor steps"),
+    "short key": (lambda m: [link_open(m, bytes(15))], Code.INVALID_ARGUMENT, "link_key must have 16..64 bytes"),
+    "long key": (lambda m: [link_open(m, bytes(65))], Code.INVALID_ARGUMENT, "link_key must have 16..64 bytes"),
+    "another model": (lambda m: [link_open("other-model")], Code.FAILED_PRECONDITION, "not 'other-model'"),
+    "opened twice": (lambda m: [link_open(m), link_open(m)], Code.FAILED_PRECONDITION, "already open"),
+    "no steps": (lambda m: [link_open(m), pb.LinkRequest(steps=pb.LinkSteps())], Code.INVALID_ARGUMENT,
+                 "holds no steps"),
+    "a session twice": (lambda m: [link_open(m), linked(("s", hidden(1, 1)), ("s", hidden(1, 1)))],
+                        Code.INVALID_ARGUMENT, "steps a session twice"),
+    "more steps than sessions": (lambda m: [link_open(m), linked(*[(f"s{i}", hidden(1, 1)) for i in range(3)])],
+                                 Code.INVALID_ARGUMENT, "3 steps exceed this peer's limit of 2 sessions"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LINKS))
+def test_bad_link(stub, swarm, case: str) -> None:
+    requests, code, text = BAD_LINKS[case]
+    assert_stream_refused(stub, requests(swarm.model_id), code, text, rpc="Link")
+    assert_serves(stub, swarm.model_id)
+
+
+def test_bad_session_open_key(stub, swarm) -> None:
+    assert_stream_refused(stub, [open_session(swarm.model_id, link_key=bytes(8))], Code.INVALID_ARGUMENT,
+                          "link_key must have 16..64 bytes")
+
+
+def test_linked_steps_are_refused_one_by_one_and_the_link_serves_on(stub, swarm) -> None:
+    """Each step of a Link message that may not run gets its own code; the others run, the link stays open,
+    and a refused session is untouched: its own stream (and then the link) step it as before."""
+    prompt, token = hidden(1, 3), hidden(1, 1)
+    with Stream(stub) as owner, Stream(stub) as plain, Stream(stub, "Link") as link, \
+            Stream(stub, "Link") as stranger:
+        owner.send(open_session(swarm.model_id, "linked", link_key=KEY))
+        plain.send(open_session(swarm.model_id, "plain"))
+        link.send(link_open(swarm.model_id))
+        stranger.send(link_open(swarm.model_id, bytes(16)))
+        early = link.send(linked(("linked", token))).results
+        assert STATUS_CODES[early[0].code] == Code.FAILED_PRECONDITION, early[0]
+        assert "must follow the session's first step" in early[0].details
+        owner.send(step("linked", prompt))
+        plain.send(step("plain", prompt))
+        refused = link.send(linked(("linked", hidden(1, 2)), ("plain", token))).results
+        assert [(STATUS_CODES[r.code], r.session_id) for r in refused] == [(Code.INVALID_ARGUMENT, "linked"),
+                                                                   (Code.FAILED_PRECONDITION, "plain")]
+        assert "one token per row" in refused[0].details and "not opened for this link" in refused[1].details
+        for bad, text in [(hidden(2, 1), "differs from the session's 1"), (hidden(dim=63, length=1), "must be 64")]:
+            result = link.send(linked(("linked", bad))).results[0]
+            assert STATUS_CODES[result.code] == Code.INVALID_ARGUMENT and text in result.details, result
+        unknown = link.send(linked(("nobody", token))).results[0]
+        assert STATUS_CODES[unknown.code] == Code.NOT_FOUND and "unknown session" in unknown.details
+        foreign = stranger.send(linked(("linked", token))).results[0]
+        assert STATUS_CODES[foreign.code] == Code.FAILED_PRECONDITION and "not opened for this link" in foreign.details
+        done = link.send(linked(("linked", token))).results[0]
+        assert done.code == 0 and done.cache_length == 4 and list(done.hidden_states.shape) == [1, 1, HIDDEN]
+        alone = plain.send(step("plain", token))  # the same inputs on a stream: the same answer
+        assert torch.equal(decode(done.hidden_states), decode(alone.hidden_states))
+        assert owner.send(step("linked", token)).cache_length == 5  # its own stream steps it still
     assert_serves(stub, swarm.model_id)
 
 

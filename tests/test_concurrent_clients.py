@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from conftest import connect, swarm_fixture
+from conftest import connect, run_all, swarm_fixture
 
 # Different prompts and lengths, so that a mixed-up cache or statistics would show.
 CALLS = [("The swarm pools ordinary lab machines", 6), ("Once upon", 9), ("A B C D E F G", 12), ("x", 15)]
@@ -28,30 +28,6 @@ def references(tiny_model: Path) -> list[list[int]]:
     reference = LlamaForCausalLM.from_pretrained(tiny_model).eval()
     return [reference.generate(tokenizer(prompt, return_tensors="pt").input_ids, max_new_tokens=new_tokens,
                                do_sample=False)[0].tolist() for prompt, new_tokens in CALLS]
-
-
-def run_all(calls: list, work) -> list:
-    """Runs work(i, call) for every call in its own thread, all started together; re-raises any failure."""
-    results: list = [None] * len(calls)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(calls))
-
-    def worker(index: int) -> None:
-        try:
-            barrier.wait(timeout=60)
-            results[index] = work(index, calls[index])
-        except BaseException as error:  # reported below, in the test's thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    assert not any(thread.is_alive() for thread in threads), "a generating thread hangs"
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_four_threads_through_one_model_each_get_their_own_tokens_and_stats(model, references) -> None:

@@ -473,6 +473,10 @@ def templates(method: str, ctx: Context) -> list[Message] | list[list[Message]]:
             model_id=ctx.model_id, start_block=2, end_block=3,
             hidden_states=_tensor([2, 5, HIDDEN], "float32", pb.Tensor.ZLIB, b""))],
         "Inference": lambda: [[opened, stepped, stepped]],
+        # a valid link whose step names no open session: answered, per step, NOT_FOUND
+        "Link": lambda: [[pb.LinkRequest(open=pb.LinkOpen(model_id=ctx.model_id, link_key=bytes(range(16)))),
+                          pb.LinkRequest(steps=pb.LinkSteps(steps=[pb.LinkedStep(
+                              session_id="s", step=pb.InferenceStep(hidden_states=_hidden(length=1)))]))]],
         "OpenTraining": lambda: [pb.OpenTrainingRequest(model_id=ctx.model_id, run="fuzz-open", lora=SPEC)],
         "TrainForward": lambda: [pb.TrainForwardRequest(run=RUN, micro_batch="m", hidden_states=_hidden(),
                                                         attention_mask=ones)],

@@ -168,6 +168,8 @@ def serve(
     workers: int = typer.Option(16, min=1, max=256, help="Generations run at once; more requests wait."),
     verify_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
                                           help="Spot-check peers (docs/security.md); only checked tokens are sent."),
+    merge_steps: bool = typer.Option(True, help="Send the decode steps of concurrent requests on each peer as "
+                                                "one message (docs/architecture.md, \"Links\")."),
     wait_timeout: float = typer.Option(None, help="Seconds to wait for an unreachable coordinator before giving "
                                                   "up (default: wait as long as it takes)."),
     token: SwarmToken = None,
@@ -185,7 +187,7 @@ def serve(
 
         serve_http(HttpOptions(coordinator=coordinator, host=host, port=port, token=token, tls=tls,
                                served_name=served_model_name, workers=workers, verify_fraction=verify_fraction,
-                               wait_timeout=wait_timeout),
+                               merge_steps=merge_steps, wait_timeout=wait_timeout),
                    announce=say)
 
     run_command(body)

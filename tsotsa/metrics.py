@@ -104,6 +104,8 @@ class PeerMetrics:
       `phase` = `forward` (TrainForward) or `backward` (TrainBackward).
     * `batch_sessions` — Histogram `tsotsa:peer_batch_sessions`: sessions whose decode steps one pass over the
       blocks computed together (1: alone; peer/batching.py).
+    * `link_steps` — Histogram `tsotsa:peer_link_steps`: session steps one Link message of a client carried
+      (its sessions' decode steps merged; peer/links.py).
     * `tsotsa:peer_adapters_served` — adapters loaded (served and training).
     * `tsotsa:peer_rss_bytes`, `tsotsa:peer_uptime_seconds` — the process's resident memory, and seconds since
       it started.
@@ -142,6 +144,8 @@ class PeerMetrics:
         self.batch_sessions = Histogram(f"{PREFIX}peer_batch_sessions", "Sessions whose decode steps one pass "
                                         "over the blocks computed together.", buckets=BATCH_BUCKETS,
                                         registry=registry)
+        self.link_steps = Histogram(f"{PREFIX}peer_link_steps", "Session steps one Link message of a client "
+                                    "carried.", buckets=BATCH_BUCKETS, registry=registry)
         self.train_micro_batches = Counter(f"{PREFIX}peer_train_micro_batches", "Training micro-batches computed.",
                                            ["phase"], registry=registry)
         for phase in ("forward", "backward"):

@@ -68,21 +68,32 @@ class Runtime:
     def run(self, work: Callable[[], T]) -> T:
         """Runs `work` on the runtime thread once the work queued before it is done; its result or its
         exception comes back to the calling (gRPC handler) thread."""
-        return self._submit(_Job(Future(), work=work)).result()
+        job = _Job(Future(), work=work)
+        self._submit(job)
+        return job.future.result()
 
     def step(self, key: Hashable, item: Any) -> Any:
         """Queues one step; returns its result once the batch it ran in is done (or raises its exception)."""
         if self._batch is None:
             raise RuntimeError("this runtime has no batch function")
-        return self._submit(_Job(Future(), key=key, item=item)).result()
+        job = _Job(Future(), key=key, item=item)
+        self._submit(job)
+        return job.future.result()
 
-    def _submit(self, job: _Job) -> Future:
+    def submit_steps(self, key: Hashable, items: Sequence[Any]) -> list[Future]:
+        """Queues several steps of one key at once (so the next pass finds them all); their futures, in order."""
+        if self._batch is None:
+            raise RuntimeError("this runtime has no batch function")
+        jobs = [_Job(Future(), key=key, item=item) for item in items]
+        self._submit(*jobs)
+        return [job.future for job in jobs]
+
+    def _submit(self, *jobs: _Job) -> None:
         with self._ready:
             if self._closed:
                 raise RuntimeError("this runtime is closed")
-            self._queue.append(job)
+            self._queue.extend(jobs)
             self._ready.notify()
-        return job.future
 
     def _loop(self) -> None:
         while True:

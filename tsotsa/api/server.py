@@ -36,6 +36,7 @@ class HttpOptions:
     workers: int = 16                # generations at once; more requests wait in the queue
     verify_fraction: float = 0.0     # spot checks of peers (docs/security.md); streamed tokens are then verified
     wait_timeout: float | None = None  # seconds `tsotsa serve` waits for an unreachable coordinator (None: no limit)
+    merge_steps: bool = True         # requests' decode steps reach each peer as one message (ClientConfig.link_steps)
 
 
 class HttpApi:
@@ -51,7 +52,8 @@ class HttpApi:
         from tsotsa.metrics import ServingMetrics, TrainingCollector
 
         self.options = options
-        config = ClientConfig(verify_fraction=options.verify_fraction, verified_only=options.verify_fraction > 0)
+        config = ClientConfig(verify_fraction=options.verify_fraction, verified_only=options.verify_fraction > 0,
+                              link_steps=options.merge_steps)
         self.model = model or SwarmModel.from_coordinator(options.coordinator, token=options.token, tls=options.tls,
                                                           config=config)
         self.registry = CollectorRegistry()

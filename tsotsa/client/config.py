@@ -44,6 +44,11 @@ class ClientConfig:
     checked at the end of a generation, and a generation fails if a hop has no replica to check it with."""
     liar_ban_seconds: float = 3600.0
     """How long a peer caught answering wrongly stays out of every route of this client."""
+    link_steps: bool = True
+    """Send the decode steps of this client's concurrent sessions on each peer as one message on one
+    stream (`tsotsa.client.link`); off: every session steps on its own stream."""
+    link_window: float = 0.001
+    """Seconds a link's message may wait for the client's other sessions that stepped there lately."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify_fraction <= 1.0:

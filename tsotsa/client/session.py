@@ -14,7 +14,6 @@ that step with the correct output.
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -23,12 +22,13 @@ import grpc
 import torch
 
 from tsotsa.client import verify
+from tsotsa.client.link import LinkUnavailable
 from tsotsa.client.routing import Hop
+from tsotsa.client.streams import STATUS_CODES, RequestStream, StreamFailure
 from tsotsa.client.swarm import Swarm
 from tsotsa.codec import WireError, decode, encode
 from tsotsa.errors import SwarmError
 from tsotsa.records import ServerRecord
-from tsotsa.rpc import tls_failure
 from tsotsa.v1 import tsotsa_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -98,20 +98,27 @@ class StepInputs:
 
 
 class HopStream:
-    """A bidirectional Inference stream to one peer, holding that peer's KV cache for blocks [start, end)."""
+    """A bidirectional Inference stream to one peer, holding that peer's KV cache for blocks [start, end).
+    With the swarm's link to that peer (`tsotsa.client.link`), its decode steps go through the link, merged
+    with the client's other sessions' there; everything else goes on the stream."""
 
     def __init__(self, swarm: Swarm, hop: Hop, batch_size: int, max_length: int, adapter: str = "") -> None:
-        self.hop, self.timeout, self._watchdog = hop, swarm.step_timeout, swarm.watchdog
-        self._tls = swarm.tls is not None
+        self.hop = hop
         self.session_id = uuid.uuid4().hex
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = swarm.stub(hop.server.address).Inference(iter(self._requests.get, None))
+        self.link = swarm.link(hop.server.address)
+        self._stepped = 0  # steps done: a linked step must follow the first
+        self._stream = RequestStream(swarm.stub(hop.server.address).Inference, hop.server.address, swarm.watchdog,
+                                     swarm.step_timeout, swarm.tls is not None)
         opened = pb.OpenSession(model_id=swarm.model_id, start_block=hop.start, end_block=hop.end,
-                                batch_size=batch_size, max_length=max_length, adapter=adapter)
+                                batch_size=batch_size, max_length=max_length, adapter=adapter,
+                                link_key=self.link.key if self.link is not None else b"")
         self._exchange(pb.InferenceRequest(session_id=self.session_id, open=opened))
 
     def step(self, inputs: StepInputs, wire_dtype: torch.dtype) -> torch.Tensor:
-        reply = self._exchange(pb.InferenceRequest(session_id=self.session_id, step=inputs.to_message(wire_dtype)))
+        message = inputs.to_message(wire_dtype)
+        reply = self._linked(message) if self._stepped and inputs.hidden.shape[1] == 1 else None
+        if reply is None:
+            reply = self._exchange(pb.InferenceRequest(session_id=self.session_id, step=message))
         try:
             hidden = decode(reply.hidden_states, what="hidden_states", ndim=3)
         except WireError as error:
@@ -119,33 +126,41 @@ class HopStream:
         if hidden.shape != inputs.hidden.shape:
             raise HopFailure(self.hop, grpc.StatusCode.INTERNAL,
                              f"reply of shape {list(hidden.shape)} for input {list(inputs.hidden.shape)}")
+        self._stepped += 1
         return hidden
 
-    def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
-        """Sends one request and waits for its reply; a peer silent past the timeout counts as failed."""
-        self._requests.put(request)
-        token = self._watchdog.arm(self._call, self.timeout)
+    def _linked(self, step: pb.InferenceStep) -> pb.LinkedResult | None:
+        """The step through the link; None when there is none (or the peer takes none now)."""
+        if self.link is None or not self.link.available:
+            return None
         try:
-            reply = next(self._call)
-        except StopIteration:
-            self._watchdog.disarm(token)
-            raise HopFailure(self.hop, grpc.StatusCode.UNAVAILABLE, "peer closed the stream") from None
-        except grpc.RpcError as error:
-            if self._watchdog.disarm(token):
-                raise HopFailure(self.hop, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                 f"no reply within {self.timeout:g} s") from None
-            details = tls_failure(self.hop.server.address, "peer", error, self._tls) or error.details()
-            raise HopFailure(self.hop, error.code(), details) from None
-        self._watchdog.disarm(token)
-        return reply
+            result = self.link.step(self.session_id, step)
+        except LinkUnavailable:
+            return None
+        except StreamFailure as failure:
+            raise HopFailure(self.hop, failure.code, f"link: {failure.details}") from None
+        if result.code:
+            raise HopFailure(self.hop, STATUS_CODES.get(result.code, grpc.StatusCode.UNKNOWN), result.details)
+        return result
+
+    def _exchange(self, request: pb.InferenceRequest) -> pb.InferenceResponse:
+        try:
+            return self._stream.exchange(request)
+        except StreamFailure as failure:
+            raise HopFailure(self.hop, failure.code, failure.details) from None
 
     def close(self) -> None:
         """Half-closes the stream: the peer finishes, frees the session and ends the call."""
-        self._requests.put(None)
+        self._forget()
+        self._stream.close()
 
     def abort(self) -> None:
-        self._requests.put(None)
-        self._call.cancel()
+        self._forget()
+        self._stream.abort()
+
+    def _forget(self) -> None:
+        if self.link is not None:
+            self.link.forget(self.session_id)
 
 
 class HopFailure(Exception):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import grpc
 
 from tsotsa.client.config import ClientConfig
+from tsotsa.client.link import PeerLink
 from tsotsa.client.routing import Hop, plan_route
 from tsotsa.client.watchdog import Watchdog
 from tsotsa.dht import SwarmDHT
@@ -36,6 +37,7 @@ class Swarm:
         self.config = config or ClientConfig()
         self.watchdog = Watchdog()
         self._channels: dict[str, grpc.Channel] = {}
+        self._links: dict[str, PeerLink] = {}
         self._banned: dict[str, float] = {}  # peer id -> monotonic time its ban ends
         self._lock = threading.Lock()
         # Told of every peer a spot check caught (the peer and why); SwarmModel reports them to the coordinator.
@@ -90,7 +92,21 @@ class Swarm:
                 channel = self._channels[address] = open_channel(address, self._token, self.tls)
             return pb_grpc.PeerStub(channel)
 
+    def link(self, address: str) -> PeerLink | None:
+        """This client's link to the peer at `address` (`tsotsa.client.link`); None with `config.link_steps` off."""
+        if not self.config.link_steps:
+            return None
+        with self._lock:
+            link = self._links.get(address)
+            if link is None:
+                link = self._links[address] = PeerLink(self, address)
+            return link
+
     def close(self) -> None:
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
         self.watchdog.stop()
         with self._lock:
             for channel in self._channels.values():

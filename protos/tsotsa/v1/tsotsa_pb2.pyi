@@ -100,20 +100,22 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model_id", "start_block", "end_block", "batch_size", "max_length", "adapter")
+    __slots__ = ("model_id", "start_block", "end_block", "batch_size", "max_length", "adapter", "link_key")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LINK_KEY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     start_block: int
     end_block: int
     batch_size: int
     max_length: int
     adapter: str
-    def __init__(self, model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., adapter: _Optional[str] = ...) -> None: ...
+    link_key: bytes
+    def __init__(self, model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., adapter: _Optional[str] = ..., link_key: _Optional[bytes] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
     __slots__ = ("hidden_states", "attention_mask", "position_ids")
@@ -144,6 +146,56 @@ class InferenceResponse(_message.Message):
     hidden_states: Tensor
     cache_length: int
     def __init__(self, session_id: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+
+class LinkOpen(_message.Message):
+    __slots__ = ("model_id", "link_key")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    LINK_KEY_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    link_key: bytes
+    def __init__(self, model_id: _Optional[str] = ..., link_key: _Optional[bytes] = ...) -> None: ...
+
+class LinkedStep(_message.Message):
+    __slots__ = ("session_id", "step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: InferenceStep
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ...) -> None: ...
+
+class LinkSteps(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[LinkedStep]
+    def __init__(self, steps: _Optional[_Iterable[_Union[LinkedStep, _Mapping]]] = ...) -> None: ...
+
+class LinkRequest(_message.Message):
+    __slots__ = ("open", "steps")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    open: LinkOpen
+    steps: LinkSteps
+    def __init__(self, open: _Optional[_Union[LinkOpen, _Mapping]] = ..., steps: _Optional[_Union[LinkSteps, _Mapping]] = ...) -> None: ...
+
+class LinkedResult(_message.Message):
+    __slots__ = ("session_id", "hidden_states", "cache_length", "code", "details")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    hidden_states: Tensor
+    cache_length: int
+    code: int
+    details: str
+    def __init__(self, session_id: _Optional[str] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ..., code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
+
+class LinkResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[LinkedResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[LinkedResult, _Mapping]]] = ...) -> None: ...
 
 class LoraSpec(_message.Message):
     __slots__ = ("r", "alpha", "dropout", "target_modules", "seed", "lr", "weight_decay", "beta1", "beta2", "eps", "gradient_checkpointing")

@@ -49,6 +49,11 @@ class PeerStub:
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.Link = channel.stream_stream(
+                '/tsotsa.v1.Peer/Link',
+                request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.LinkRequest.SerializeToString,
+                response_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.LinkResponse.FromString,
+                _registered_method=True)
         self.OpenTraining = channel.unary_unary(
                 '/tsotsa.v1.Peer/OpenTraining',
                 request_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.OpenTrainingRequest.SerializeToString,
@@ -107,6 +112,12 @@ class PeerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Inference(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Link(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,6 +188,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceRequest.FromString,
                     response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.InferenceResponse.SerializeToString,
+            ),
+            'Link': grpc.stream_stream_rpc_method_handler(
+                    servicer.Link,
+                    request_deserializer=tsotsa_dot_v1_dot_tsotsa__pb2.LinkRequest.FromString,
+                    response_serializer=tsotsa_dot_v1_dot_tsotsa__pb2.LinkResponse.SerializeToString,
             ),
             'OpenTraining': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenTraining,
@@ -300,6 +316,33 @@ class Peer:
             '/tsotsa.v1.Peer/Inference',
             tsotsa_dot_v1_dot_tsotsa__pb2.InferenceRequest.SerializeToString,
             tsotsa_dot_v1_dot_tsotsa__pb2.InferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Link(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tsotsa.v1.Peer/Link',
+            tsotsa_dot_v1_dot_tsotsa__pb2.LinkRequest.SerializeToString,
+            tsotsa_dot_v1_dot_tsotsa__pb2.LinkResponse.FromString,
             options,
             channel_credentials,
             insecure,
