@@ -319,8 +319,12 @@ class PeerService(pb_grpc.PeerServicer):
             session.attention_mask = work.mask
         finally:
             session.release()
-        return encode(output.to("cpu", work.hidden.dtype), work.hidden.dtype), work.hidden.shape[0] * \
-            work.hidden.shape[1]
+        return self._answer(session, work, output), work.hidden.shape[0] * work.hidden.shape[1]
+
+    def _answer(self, session: Session, work: DecodeStep, output: torch.Tensor) -> pb.Tensor:
+        """A computed step's answer on the wire, in the dtype it came in (one place for a session's steps on
+        its stream and on its link)."""
+        return encode(output.to("cpu", work.hidden.dtype), work.hidden.dtype)
 
     def _linked_steps(self, key: bytes, message: pb.LinkSteps) -> pb.LinkResponse:
         """A Link message: every valid step queued on the runtime at once (so they share passes), each
@@ -371,10 +375,9 @@ class PeerService(pb_grpc.PeerServicer):
                 refuse(results[index], PeerError(grpc.StatusCode.INTERNAL, f"inference failed: {error}"))
             else:
                 session.attention_mask = inputs.work.mask
-                hidden = inputs.work.hidden
-                results[index].hidden_states.CopyFrom(encode(output.to("cpu", hidden.dtype), hidden.dtype))
+                results[index].hidden_states.CopyFrom(self._answer(session, inputs.work, output))
                 results[index].cache_length = session.length
-                self._count_step(began, hidden.shape[0])
+                self._count_step(began, inputs.work.hidden.shape[0])
 
     def _run_batch(self, key: BatchKey, steps: Sequence[DecodeStep]) -> list[torch.Tensor]:
         """On the runtime thread: decode steps of sessions over the same blocks and adapter, in one pass."""

@@ -14,7 +14,7 @@ class Stream:
     """A stream of the peer's `rpc` (Inference or Link) held open between requests, so a test can interleave
     other calls with it."""
 
-    def __init__(self, stub: pb_grpc.PeerStub, rpc: str = "Inference", timeout: float = 30.0) -> None:
+    def __init__(self, stub: pb_grpc.PeerStub, timeout: float = 30.0, rpc: str = "Inference") -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = getattr(stub, rpc)(iter(self._requests.get, None), timeout=timeout)
 

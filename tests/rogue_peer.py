@@ -35,6 +35,7 @@ def refuse_token() -> None:
 
     PeerService.Forward = refuse
     PeerService.Inference = refuse_stream
+    PeerService.Link = refuse_stream
 
 
 LIE_AFTER = 12  # tokens in the session before the first lie
@@ -53,18 +54,18 @@ def perturb() -> None:
     measure = server.measure_throughput
     server.measure_throughput = lambda span, *args, **kwargs: 10 * measure(span, *args, **kwargs)
     ServedThroughput.observe = lambda self, blocks, seconds: None  # the claim stands: served work would lower it
-    honest_step = PeerService._step
+    honest_answer = PeerService._answer  # every session step's answer, on its stream or its client's link
 
-    def lying_step(self, session, step):
-        answer, tokens = honest_step(self, session, step)  # (the encoded output, token positions computed)
-        decoding = len(step.hidden_states.shape) == 3 and step.hidden_states.shape[1] == 1
+    def lying_answer(self, session, work, output):
+        answer = honest_answer(self, session, work, output)
+        decoding = work.hidden.shape[1] == 1
         if decoding and session.length > LIE_AFTER and session.length % LIE_EVERY == 0:
             hidden = decode(answer)
             noise = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(session.length))
             answer = encode(hidden + 0.5 * hidden.abs().max() * noise, hidden.dtype)
-        return answer, tokens
+        return answer
 
-    PeerService._step = lying_step
+    PeerService._answer = lying_answer
 
 
 def perturb_training() -> None:

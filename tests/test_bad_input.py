@@ -396,8 +396,8 @@ def test_linked_steps_are_refused_one_by_one_and_the_link_serves_on(stub, swarm)
     """Each step of a Link message that may not run gets its own code; the others run, the link stays open,
     and a refused session is untouched: its own stream (and then the link) step it as before."""
     prompt, token = hidden(1, 3), hidden(1, 1)
-    with Stream(stub) as owner, Stream(stub) as plain, Stream(stub, "Link") as link, \
-            Stream(stub, "Link") as stranger:
+    with Stream(stub) as owner, Stream(stub) as plain, Stream(stub, rpc="Link") as link, \
+            Stream(stub, rpc="Link") as stranger:
         owner.send(open_session(swarm.model_id, "linked", link_key=KEY))
         plain.send(open_session(swarm.model_id, "plain"))
         link.send(link_open(swarm.model_id))

@@ -227,6 +227,47 @@ def plan(
 
 # ------------------------------------------------------------------ the lab's TLS certificates
 
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate the swarm with lm-eval tasks (docs/evaluation.md).")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("run")
+def eval_run(
+    coordinator: CoordinatorAddress = ...,
+    tasks: str = typer.Option(..., help="lm-eval task names, comma-separated (shipped: tsotsa_colors, "
+                                        "tsotsa_colors_gen, tsotsa_lab_texts)."),
+    adapter: str = typer.Option(None, help="A fine-tuning run whose adapter the peers apply."),
+    include_path: list[Path] = typer.Option(None, help="A directory of task YAML files (repeatable)."),
+    limit: int = typer.Option(None, min=1, help="Documents per task (default: all)."),
+    num_fewshot: int = typer.Option(None, min=0, help="Few-shot examples (default: the task's)."),
+    batch_size: int = typer.Option(8, min=1, max=256, help="Sequences per Forward, generations at once."),
+    output: Path = typer.Option(None, help="Also write the results as JSON here."),
+    token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+) -> None:
+    """Run lm-eval TASKS through the swarm and print lm-eval's results table."""
+
+    def body() -> None:
+        tls = load_tls(tls_cert, tls_key, tls_ca)
+        from tsotsa.client.model import SwarmModel
+        from tsotsa.evaluation.backend import SwarmLM
+        from tsotsa.evaluation.run import EvalOptions, evaluate, write_results
+        from lm_eval.utils import make_table
+
+        options = EvalOptions(tasks=[name.strip() for name in tasks.split(",") if name.strip()],
+                              include_paths=list(include_path or []), limit=limit, num_fewshot=num_fewshot,
+                              batch_size=batch_size, output=output)
+        with SwarmModel.from_coordinator(coordinator, token=token, tls=tls) as model:
+            results = evaluate(SwarmLM(model=model, adapter=adapter, batch_size=batch_size), options)
+        print(make_table(results))
+        if output is not None:
+            write_results(results, output)
+
+    run_command(body)
+
+
 tls_app = typer.Typer(no_args_is_help=True, help="The lab's certificate authority and one certificate per machine.")
 app.add_typer(tls_app, name="tls")
 

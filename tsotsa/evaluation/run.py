@@ -1,0 +1,91 @@
+"""`tsotsa eval run`: lm-eval tasks through the swarm, the shipped ones and those of `--include-path`.
+
+Tasks are found in the project's own task directory (tsotsa/evaluation/tasks) and the directories given,
+without indexing lm-eval's thousands of built-in tasks (a built-in task's name is looked up only when no
+local task has it), so that local tasks run offline and start in a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tsotsa.errors import TsotsaError
+
+TASKS_DIR = Path(__file__).with_name("tasks")
+
+
+@dataclass
+class EvalOptions:
+    tasks: list[str]
+    include_paths: list[Path] = field(default_factory=list)
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    output: Path | None = None  # the results as JSON
+
+
+def task_manager(include_paths: list[Path]):
+    """lm-eval's TaskManager over the shipped tasks and `include_paths`; lm-eval's own tasks only when a
+    name is not found there."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR), *(str(Path(p)) for p in include_paths)]
+    for path in include_paths:
+        if not Path(path).is_dir():
+            raise TsotsaError(f"--include-path {path} is not a directory")
+    return TaskManager(include_path=paths, include_defaults=False)
+
+
+def evaluate(lm, options: EvalOptions) -> dict:
+    """lm-eval's `simple_evaluate` of `lm` on the options' tasks; its results dict."""
+    import lm_eval
+
+    manager = task_manager(options.include_paths)
+    unknown = [name for name in options.tasks if name not in manager.all_tasks]
+    if unknown:
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, options.include_paths)])
+        still = [name for name in unknown if name not in manager.all_tasks]
+        if still:
+            raise TsotsaError(f"no task named {', '.join(still)} (shipped: {', '.join(shipped_tasks())})")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes are not the user's business
+    with _quiet_git():
+        return lm_eval.simple_evaluate(model=lm, tasks=options.tasks, task_manager=manager, limit=options.limit,
+                                       num_fewshot=options.num_fewshot, log_samples=False, bootstrap_iters=1000)
+
+
+@contextlib.contextmanager
+def _quiet_git() -> Iterator[None]:
+    """lm-eval records the git commit of the working directory by running `git describe`, whose "fatal: not
+    a git repository" goes straight to the terminal outside a checkout. Outside one, git is left off the
+    PATH for the evaluation: lm-eval then reads no hash, silently."""
+    if shutil.which("git") is None or _inside_git_checkout(Path.cwd()):
+        yield
+        return
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join(p for p in saved.split(os.pathsep) if not (Path(p) / "git").exists())
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def _inside_git_checkout(directory: Path) -> bool:
+    return any((parent / ".git").exists() for parent in [directory, *directory.parents])
+
+
+def shipped_tasks() -> list[str]:
+    return sorted(path.stem for path in TASKS_DIR.glob("*.yaml"))
+
+
+def write_results(results: dict, path: Path) -> None:
+    path.write_text(json.dumps({"results": results["results"], "versions": results.get("versions", {}),
+                                "n-samples": results.get("n-samples", {})}, indent=2, default=str) + "\n")
