@@ -161,8 +161,9 @@ class PeerService(pb_grpc.PeerServicer):
                         if key is not None:
                             raise PeerError(grpc.StatusCode.FAILED_PRECONDITION, "this link is already open")
                         self.checker.check_model(request.open.model_id)
-                        key = check_link_key(request.open.link_key)
+                        opened = check_link_key(request.open.link_key)
                         self.links.enter()
+                        key = opened  # from here on the link holds a slot, given back when it ends
                         yield pb.LinkResponse()
                     elif kind == "steps":
                         if key is None:

@@ -426,6 +426,25 @@ def test_linked_steps_are_refused_one_by_one_and_the_link_serves_on(stub, swarm)
     assert_serves(stub, swarm.model_id)
 
 
+def test_links_are_capped_and_a_refused_one_holds_no_slot(stub, swarm) -> None:
+    """32 Link streams per peer (PeerLimits.max_links); more are refused, each refusal leaving the count
+    as it was, and a closed link's slot is free again."""
+    links = [Stream(stub, rpc="Link") for _ in range(32)]
+    try:
+        for link in links:
+            link.send(link_open(swarm.model_id))
+        for _ in range(2):
+            assert_stream_refused(stub, [link_open(swarm.model_id)], Code.RESOURCE_EXHAUSTED, "limit of 32 links",
+                                  rpc="Link")
+        links.pop().close()
+        with Stream(stub, rpc="Link") as again:
+            assert again.send(link_open(swarm.model_id)) == pb.LinkResponse()
+    finally:
+        for link in links:
+            link.close()
+    assert_serves(stub, swarm.model_id)
+
+
 def test_peers_survived_without_tracebacks(swarm) -> None:
     """Refusals are expected user errors: the peers log no stack trace for them and keep running."""
     for peer in swarm.peers:

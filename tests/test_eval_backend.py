@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from conftest import cli, swarm_fixture
+from conftest import cli
+from tsotsa.local_swarm import LocalSwarm
 from tsotsa.evaluation.backend import SwarmLM
 from tsotsa.evaluation.run import TASKS_DIR, EvalOptions, evaluate
 
@@ -27,7 +29,16 @@ GENERATIONS = [("the color of the sky is", {"until": ["."], "max_gen_toks": 12, 
                ("Once upon", {"until": ["\n", " the"], "max_gen_toks": 16}),
                ("A B C", {"until": ["zzz"], "max_gen_toks": 10, "temperature": 0.0})]
 
-swarm = swarm_fixture(["0:2", "2:4"])
+@pytest.fixture(scope="module")
+def swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
+    """Two peers, and the coordinator's HTTP API for lm-eval's `local-completions`."""
+    swarm = LocalSwarm(tiny_model, cache_dir=tmp_path_factory.mktemp("cache"), http=True)
+    try:
+        swarm.start_coordinator()
+        swarm.add_peers(["0:2", "2:4"])
+        yield swarm
+    finally:
+        swarm.stop()
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +104,25 @@ def test_task_metrics_equal_the_hf_backend_on_local_tasks(hf, lm, tmp_path):
                           include_paths=[user_task(tmp_path / "tasks")])
     expected, got = evaluate(hf, options)["results"], evaluate(lm, options)["results"]
     assert set(got) == set(options.tasks)
+    for task, metrics in expected.items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and name != "sample_len":
+                assert abs(got[task][name] - value) <= 1e-4 * max(1.0, abs(value)), (task, name, value, got[task][name])
+
+
+def test_lm_evals_local_completions_against_the_http_api_gives_the_same_metrics(swarm, lm, tiny_model):
+    """lm-eval's own OpenAI-completions client (echo + logprobs for loglikelihoods, `stop` for generations)
+    against the swarm's HTTP API, with the checkpoint's tokenizer; BOS added, as the other backends do. At
+    the model's full length every text is one rolling window (lm-eval's API client cuts later windows
+    one token differently from its hf backend, which the tsotsa backend follows)."""
+    from lm_eval.api.registry import get_model
+
+    local = get_model("local-completions")(
+        base_url=f"{swarm.http_url}/v1/completions", model=swarm.model_id, tokenizer=str(tiny_model),
+        tokenizer_backend="huggingface", add_bos_token=True, num_concurrent=1, max_retries=1)
+    full_length = SwarmLM(model=lm.model, batch_size=3)
+    options = EvalOptions(tasks=["tsotsa_colors", "tsotsa_colors_gen", "tsotsa_lab_texts"], limit=8)
+    expected, got = evaluate(full_length, options)["results"], evaluate(local, options)["results"]
     for task, metrics in expected.items():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and name != "sample_len":

@@ -59,6 +59,7 @@ class PeerLink:
         """The session's step through the link (with the other sessions' at that moment); StreamFailure if
         the link failed, LinkUnavailable if the peer takes no link."""
         self._callers.stepped(None, session_id)
+        self._runtime.window = self._swarm.config.link_window  # the client's setting now, as for timeouts
         return self._runtime.step(None, (session_id, step))
 
     def forget(self, session_id: str) -> None:
@@ -97,8 +98,8 @@ class PeerLink:
             if not self.available:
                 raise LinkUnavailable()
             swarm = self._swarm
-            stream = RequestStream(swarm.stub(self.address).Link, self.address, swarm.watchdog, swarm.step_timeout,
-                                   swarm.tls is not None)
+            stream = RequestStream(swarm.stub(self.address).Link, self.address, swarm.watchdog,
+                                   lambda: swarm.step_timeout, swarm.tls is not None)
             try:
                 stream.exchange(pb.LinkRequest(open=pb.LinkOpen(model_id=swarm.model_id, link_key=self.key)))
             except StreamFailure as failure:

@@ -108,7 +108,7 @@ class HopStream:
         self.link = swarm.link(hop.server.address)
         self._stepped = 0  # steps done: a linked step must follow the first
         self._stream = RequestStream(swarm.stub(hop.server.address).Inference, hop.server.address, swarm.watchdog,
-                                     swarm.step_timeout, swarm.tls is not None)
+                                     lambda: swarm.step_timeout, swarm.tls is not None)
         opened = pb.OpenSession(model_id=swarm.model_id, start_block=hop.start, end_block=hop.end,
                                 batch_size=batch_size, max_length=max_length, adapter=adapter,
                                 link_key=self.link.key if self.link is not None else b"")

@@ -25,18 +25,20 @@ class StreamFailure(Exception):
 
 class RequestStream:
     """`open(requests)` (a stub's stream-stream method) fed from a queue; `exchange` sends one request and
-    returns its reply, or raises StreamFailure (a peer silent past `timeout` counts as failed:
-    DEADLINE_EXCEEDED). Not for concurrent callers: one exchange at a time."""
+    returns its reply, or raises StreamFailure (a peer silent past `timeout()` seconds counts as failed:
+    DEADLINE_EXCEEDED; read at each exchange, so a changed client setting holds for streams already open).
+    Not for concurrent callers: one exchange at a time."""
 
-    def __init__(self, open_call: Callable[[Iterator], Iterator], address: str, watchdog: Watchdog, timeout: float,
-                 tls: bool) -> None:
+    def __init__(self, open_call: Callable[[Iterator], Iterator], address: str, watchdog: Watchdog,
+                 timeout: Callable[[], float], tls: bool) -> None:
         self.address, self.timeout, self._watchdog, self._tls = address, timeout, watchdog, tls
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._call = open_call(iter(self._requests.get, None))
 
     def exchange(self, request):
+        timeout = self.timeout()
         self._requests.put(request)
-        token = self._watchdog.arm(self._call, self.timeout)
+        token = self._watchdog.arm(self._call, timeout)
         try:
             reply = next(self._call)
         except StopIteration:
@@ -44,7 +46,7 @@ class RequestStream:
             raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "peer closed the stream") from None
         except grpc.RpcError as error:
             if self._watchdog.disarm(token):
-                raise StreamFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {self.timeout:g} s") from None
+                raise StreamFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {timeout:g} s") from None
             details = tls_failure(self.address, "peer", error, self._tls) or error.details() or ""
             raise StreamFailure(error.code(), details) from None
         self._watchdog.disarm(token)

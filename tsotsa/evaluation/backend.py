@@ -19,6 +19,7 @@ helpers `hf` uses, over the tokenizer and config the coordinator serves.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -52,8 +53,6 @@ class SwarmLM(TemplateLM):
         if model is None:
             if not coordinator:
                 raise ValueError("the tsotsa model needs coordinator=HOST:PORT")
-            import os
-
             model = SwarmModel.from_coordinator(str(coordinator), token=token or os.environ.get("TSOTSA_TOKEN"),
                                                 tls=TlsSettings.from_env())
             self._owned = True

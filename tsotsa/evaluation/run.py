@@ -30,6 +30,13 @@ class EvalOptions:
     batch_size: int = 8
     output: Path | None = None  # the results as JSON
 
+    def __post_init__(self) -> None:  # before any connection is made
+        if not self.tasks:
+            raise TsotsaError("--tasks names no task")
+        for path in self.include_paths:
+            if not Path(path).is_dir():
+                raise TsotsaError(f"--include-path {path} is not a directory")
+
 
 def task_manager(include_paths: list[Path]):
     """lm-eval's TaskManager over the shipped tasks and `include_paths`; lm-eval's own tasks only when a
@@ -37,9 +44,6 @@ def task_manager(include_paths: list[Path]):
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR), *(str(Path(p)) for p in include_paths)]
-    for path in include_paths:
-        if not Path(path).is_dir():
-            raise TsotsaError(f"--include-path {path} is not a directory")
     return TaskManager(include_path=paths, include_defaults=False)
 
 
