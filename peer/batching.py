@@ -122,4 +122,3 @@ def prefill_in_chunks(run: Chunk, hidden: torch.Tensor, mask: torch.Tensor, posi
         end = min(begin + chunk, length)
         outputs.append(run(hidden[:, begin:end], mask[:, :past + end], positions[:, begin:end]))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-

@@ -43,9 +43,9 @@ def cli(name: str) -> list[str]:
 
 
 def start_swarm(model_dir: Path, spans: list[str | None], *peer_args: str, cache_dir: Path | None = None,
-                local_model: bool = True, admin_token: str | None = None) -> LocalSwarm:
-    """A coordinator and one peer per span; the caller stops it."""
-    swarm = LocalSwarm(model_dir, cache_dir=cache_dir, admin_token=admin_token)
+                local_model: bool = True, admin_token: str | None = None, http: bool = False) -> LocalSwarm:
+    """A coordinator (with the HTTP API: `http`) and one peer per span; the caller stops it."""
+    swarm = LocalSwarm(model_dir, cache_dir=cache_dir, admin_token=admin_token, http=http)
     try:
         swarm.start_coordinator()
         if spans:
@@ -69,13 +69,13 @@ def model(swarm: LocalSwarm, tmp_path_factory) -> Iterator[SwarmModel]:
         yield swarm_model
 
 
-def swarm_fixture(spans: list[str | None], *peer_args: str):
-    """A module-scoped `swarm` fixture: the tiny model served by one peer per span, with a cache of its own.
-    In a test module: `swarm = swarm_fixture(["0:2", "2:4"])`."""
+def swarm_fixture(spans: list[str | None], *peer_args: str, http: bool = False):
+    """A module-scoped `swarm` fixture: the tiny model served by one peer per span, with a cache of its own
+    (and the coordinator's HTTP API with `http`). In a test module: `swarm = swarm_fixture(["0:2", "2:4"])`."""
 
     @pytest.fixture(scope="module")
     def swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
-        swarm = start_swarm(tiny_model, spans, *peer_args, cache_dir=tmp_path_factory.mktemp("cache"))
+        swarm = start_swarm(tiny_model, spans, *peer_args, cache_dir=tmp_path_factory.mktemp("cache"), http=http)
         yield swarm
         swarm.stop()
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from conftest import cli
-from tsotsa.local_swarm import LocalSwarm
+from conftest import cli, swarm_fixture
 from tsotsa.evaluation.backend import SwarmLM
 from tsotsa.evaluation.run import TASKS_DIR, EvalOptions, evaluate
 
@@ -29,16 +27,7 @@ GENERATIONS = [("the color of the sky is", {"until": ["."], "max_gen_toks": 12, 
                ("Once upon", {"until": ["\n", " the"], "max_gen_toks": 16}),
                ("A B C", {"until": ["zzz"], "max_gen_toks": 10, "temperature": 0.0})]
 
-@pytest.fixture(scope="module")
-def swarm(tiny_model: Path, tmp_path_factory) -> Iterator[LocalSwarm]:
-    """Two peers, and the coordinator's HTTP API for lm-eval's `local-completions`."""
-    swarm = LocalSwarm(tiny_model, cache_dir=tmp_path_factory.mktemp("cache"), http=True)
-    try:
-        swarm.start_coordinator()
-        swarm.add_peers(["0:2", "2:4"])
-        yield swarm
-    finally:
-        swarm.stop()
+swarm = swarm_fixture(["0:2", "2:4"], http=True)  # the HTTP API for lm-eval's `local-completions`
 
 
 @pytest.fixture(scope="module")

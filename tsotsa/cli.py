@@ -169,7 +169,8 @@ def serve(
     verify_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
                                           help="Spot-check peers (docs/security.md); only checked tokens are sent."),
     merge_steps: bool = typer.Option(True, help="Send the decode steps of concurrent requests on each peer as "
-                                                "one message (docs/architecture.md, \"Links\")."),
+                                                "one message (docs/architecture.md, \"Merging a client's "
+                                                "requests\")."),
     wait_timeout: float = typer.Option(None, help="Seconds to wait for an unreachable coordinator before giving "
                                                   "up (default: wait as long as it takes)."),
     token: SwarmToken = None,
@@ -225,7 +226,7 @@ def plan(
     run_command(body)
 
 
-# ------------------------------------------------------------------ the lab's TLS certificates
+# ------------------------------------------------------------------ evaluation with lm-eval
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate the swarm with lm-eval tasks (docs/evaluation.md).")
 app.add_typer(eval_app, name="eval")
@@ -257,8 +258,7 @@ def eval_run(
         from lm_eval.utils import make_table
 
         options = EvalOptions(tasks=[name.strip() for name in tasks.split(",") if name.strip()],
-                              include_paths=list(include_path or []), limit=limit, num_fewshot=num_fewshot,
-                              batch_size=batch_size, output=output)
+                              include_paths=list(include_path or []), limit=limit, num_fewshot=num_fewshot)
         with SwarmModel.from_coordinator(coordinator, token=token, tls=tls) as model:
             results = evaluate(SwarmLM(model=model, adapter=adapter, batch_size=batch_size), options)
         print(make_table(results))
@@ -267,6 +267,8 @@ def eval_run(
 
     run_command(body)
 
+
+# ------------------------------------------------------------------ the lab's TLS certificates
 
 tls_app = typer.Typer(no_args_is_help=True, help="The lab's certificate authority and one certificate per machine.")
 app.add_typer(tls_app, name="tls")

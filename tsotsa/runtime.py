@@ -74,11 +74,7 @@ class Runtime:
 
     def step(self, key: Hashable, item: Any) -> Any:
         """Queues one step; returns its result once the batch it ran in is done (or raises its exception)."""
-        if self._batch is None:
-            raise RuntimeError("this runtime has no batch function")
-        job = _Job(Future(), key=key, item=item)
-        self._submit(job)
-        return job.future.result()
+        return self.submit_steps(key, [item])[0].result()
 
     def submit_steps(self, key: Hashable, items: Sequence[Any]) -> list[Future]:
         """Queues several steps of one key at once (so the next pass finds them all); their futures, in order."""

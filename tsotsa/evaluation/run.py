@@ -27,8 +27,6 @@ class EvalOptions:
     include_paths: list[Path] = field(default_factory=list)
     limit: int | None = None
     num_fewshot: int | None = None
-    batch_size: int = 8
-    output: Path | None = None  # the results as JSON
 
     def __post_init__(self) -> None:  # before any connection is made
         if not self.tasks:
@@ -38,13 +36,12 @@ class EvalOptions:
                 raise TsotsaError(f"--include-path {path} is not a directory")
 
 
-def task_manager(include_paths: list[Path]):
-    """lm-eval's TaskManager over the shipped tasks and `include_paths`; lm-eval's own tasks only when a
-    name is not found there."""
+def task_manager(include_paths: list[Path], builtin: bool = False):
+    """lm-eval's TaskManager over the shipped tasks and `include_paths`; with `builtin`, lm-eval's own
+    tasks too (indexing them takes a while)."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(TASKS_DIR), *(str(Path(p)) for p in include_paths)]
-    return TaskManager(include_path=paths, include_defaults=False)
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)], include_defaults=builtin)
 
 
 def evaluate(lm, options: EvalOptions) -> dict:
@@ -54,9 +51,7 @@ def evaluate(lm, options: EvalOptions) -> dict:
     manager = task_manager(options.include_paths)
     unknown = [name for name in options.tasks if name not in manager.all_tasks]
     if unknown:
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager(include_path=[str(TASKS_DIR), *map(str, options.include_paths)])
+        manager = task_manager(options.include_paths, builtin=True)
         still = [name for name in unknown if name not in manager.all_tasks]
         if still:
             raise TsotsaError(f"no task named {', '.join(still)} (shipped: {', '.join(shipped_tasks())})")
