@@ -104,25 +104,25 @@ class SwarmLM(TemplateLM):
         `(key, context tokens, continuation tokens)`, longest first in batches, answered in order."""
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Scoring through the swarm")
-        for batch in _chunks(order, self.batch_size):
-            rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
-            width = max(len(row) for row in rows)
-            ids = torch.zeros(len(rows), width, dtype=torch.long)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for j, row in enumerate(rows):
-                ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
-            log_probs = F.log_softmax(self.model.forward(ids, mask, adapter=self.adapter), dim=-1)
-            for j, index in enumerate(batch):
-                key, _, continuation = requests[index]
-                scored = log_probs[j, len(rows[j]) - len(continuation):len(rows[j])]
-                target = torch.tensor(continuation)
-                answer = (float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all()))
-                answers[index] = answer
-                if key is not None:
-                    self.cache_hook.add_partial("loglikelihood", key, answer)
-            progress.update(len(batch))
-        progress.close()
+        # closed on the way out of a failure too, so that the error is a line of its own
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="Scoring through the swarm") as progress:
+            for batch in _chunks(order, self.batch_size):
+                rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in batch]
+                width = max(len(row) for row in rows)
+                ids = torch.zeros(len(rows), width, dtype=torch.long)
+                mask = torch.zeros(len(rows), width, dtype=torch.long)
+                for j, row in enumerate(rows):
+                    ids[j, :len(row)], mask[j, :len(row)] = torch.tensor(row), 1
+                log_probs = F.log_softmax(self.model.forward(ids, mask, adapter=self.adapter), dim=-1)
+                for j, index in enumerate(batch):
+                    key, _, continuation = requests[index]
+                    scored = log_probs[j, len(rows[j]) - len(continuation):len(rows[j])]
+                    target = torch.tensor(continuation)
+                    answer = (float(scored.gather(1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all()))
+                    answers[index] = answer
+                    if key is not None:
+                        self.cache_hook.add_partial("loglikelihood", key, answer)
+                progress.update(len(batch))
         return answers
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
@@ -146,18 +146,16 @@ class SwarmLM(TemplateLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Each request's continuation, generated with its own settings and cut at its first stop string;
         `batch_size` generations run at once."""
-        progress = tqdm(total=len(requests), disable=disable_tqdm, desc="Generating through the swarm")
+        with tqdm(total=len(requests), disable=disable_tqdm, desc="Generating through the swarm") as progress:
 
-        def one(request) -> str:
-            text = self._generate(*request.args)
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            progress.update(1)
-            return text
+            def one(request) -> str:
+                text = self._generate(*request.args)
+                self.cache_hook.add_partial("generate_until", request.args, text)
+                progress.update(1)
+                return text
 
-        with ThreadPoolExecutor(max_workers=self.batch_size, thread_name_prefix="lm-eval") as pool:
-            results = list(pool.map(one, requests))
-        progress.close()
-        return results
+            with ThreadPoolExecutor(max_workers=self.batch_size, thread_name_prefix="lm-eval") as pool:
+                return list(pool.map(one, requests))
 
     def _generate(self, context: str, gen_kwargs: dict) -> str:
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
