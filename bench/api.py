@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
-from common import (add_decode_arguments, bench_parser, even_spans, machine_load, parse_decode_args, report,
+from common import (add_decode_arguments, bench_parser, machine_load, parse_decode_args, report,
                     run_in_workdir)
 from inference import LocalBaseline, load_local_model, make_prompt
 from tsotsa.client.model import SwarmModel
 from tsotsa.local_swarm import LocalSwarm
+from tsotsa.spans import even_spans
 
 
 @dataclass

@@ -80,14 +80,6 @@ def start_swarm(stack: ExitStack, model_dir: Path, workdir: Path, **options) -> 
     return swarm
 
 
-def even_spans(layers: int, parts: int) -> list[str]:
-    """Contiguous spans covering [0, layers), sizes differing by at most one block."""
-    if not 1 <= parts <= layers:
-        raise ValueError(f"cannot split {layers} blocks into {parts} spans")
-    bounds = [round(i * layers / parts) for i in range(parts + 1)]
-    return [f"{bounds[i]}:{bounds[i + 1]}" for i in range(parts)]
-
-
 @contextmanager
 def running_peers(swarm: LocalSwarm, spans: list[str], *peer_args: str) -> Iterator[list[LocalPeer]]:
     """One configuration's peers, serving inside the block and stopped after it, even when it fails. The

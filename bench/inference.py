@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
-from common import (add_decode_arguments, bench_parser, counts, even_spans, machine_load, parse_decode_args, report,
+from common import (add_decode_arguments, bench_parser, counts, machine_load, parse_decode_args, report,
                     run_in_workdir, running_peers, start_swarm)
 from tsotsa.client.model import SwarmModel
 from tsotsa.client.session import StepInputs
 from tsotsa.codec import encode
 from tsotsa.console import DTYPE_NAMES, parse_dtype
 from tsotsa.local_swarm import LocalSwarm
-from tsotsa.spans import QUANT_MODES
+from tsotsa.spans import QUANT_MODES, even_spans
 from tsotsa.v1 import tsotsa_pb2 as pb
 
 # Per message on an established stream: gRPC's 5-byte length prefix and HTTP/2's 9-byte DATA frame

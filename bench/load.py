@@ -35,10 +35,11 @@ import psutil
 import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
-from common import (add_decode_arguments, bench_parser, even_spans, machine_load, parse_decode_args, report,
+from common import (add_decode_arguments, bench_parser, machine_load, parse_decode_args, report,
                     run_in_workdir)
 from inference import load_local_model, make_prompt
 from tsotsa.local_swarm import HTTP_READY, LocalSwarm, ManagedProcess
+from tsotsa.spans import even_spans
 
 STREAMS = (1, 4, 8, 16)
 # the swarm as served (every phase), and at 16 streams with peer batching off and without its window

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
-from common import (add_decode_arguments, bench_parser, even_spans, machine_load, parse_decode_args, report,
+from common import (add_decode_arguments, bench_parser, machine_load, parse_decode_args, report,
                     run_in_workdir, running_peers)
 from inference import LocalBaseline, Measurement, load_local_model, make_prompt, timed_runs
 from tsotsa.client.config import ClientConfig
 from tsotsa.client.model import SwarmModel
 from tsotsa.local_swarm import LocalSwarm
+from tsotsa.spans import even_spans
 from tsotsa.tls import TlsSettings, init_ca, issue
 
 TOKEN = "bench-security-token"

@@ -49,10 +49,11 @@ from pathlib import Path
 import torch
 
 from bench_model import build_or_reuse_model, describe_model, model_summary
-from common import bench_parser, counts, even_spans, machine_load, report, run_in_workdir, running_peers, start_swarm
+from common import bench_parser, counts, machine_load, report, run_in_workdir, running_peers, start_swarm
 from tsotsa.coordinator.data import load_examples
 from tsotsa.coordinator_client import CoordinatorClient
 from tsotsa.local_swarm import LocalSwarm
+from tsotsa.spans import even_spans
 from tsotsa.training.batches import collate, micro_batches
 from tsotsa.training.export import initial_adapter
 from tsotsa.training.lora import LLAMA_LINEARS, LoraSettings, OptimizerSettings

@@ -14,7 +14,9 @@
    (deploy/data/colors.jsonl: "the color of snow is" -> " white"); the peers train LoRA adapters of their
    own blocks, the coordinator aggregates them each round; eval loss before and after, and generation
    with the new adapter (`tsotsa generate --adapter`) next to the base model's;
-7. stops every process it started and prints a summary.
+7. compares, with `tsotsa eval compare`: fp32 peers against NF4 peers, each with and without the new
+   adapter, on the shipped lm-eval tasks the demo's data teaches (accuracy, latency, memory per block);
+8. stops every process it started and prints a summary.
 
 The weights are random, so the generated text is gibberish; what matters is that it is the *same*
 gibberish a single-process `transformers` model produces.
@@ -57,6 +59,7 @@ RUN = "demo-colors"
 FINE_TUNE = dict(rounds=4, steps_per_round=16, micro_batch=8, lora_r=16, lora_alpha=32, lr="5e-3",
                  target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 PROBES = ["the color of snow is", "the color of banana is", "the color of grass is"]
+COMPARE = dict(variants="fp32,nf4", tasks="tsotsa_colors,tsotsa_colors_gen", repeats="3", new_tokens="16")
 STATS_LINE = re.compile(r"\[(\d+) tokens, ([\d.]+) tok/s, (\d+) hops\]")
 
 # Piped into a file or `tee`, rich would wrap at 80 columns; the swarm map needs more.
@@ -195,6 +198,25 @@ def fine_tune(address: str, env: dict[str, str], client_cache: Path) -> dict[str
             table.add_row(prompt, *texts)
     console.print(table)
     return {"eval_before": before, "eval_after": after, "learned": after < before}
+
+
+def compare_variants(swarm: LocalSwarm, model_dir: Path, env: dict[str, str], out: Path) -> dict[str, object]:
+    """Act 7: the demo's peers leave; `tsotsa eval compare` starts fp32, then NF4 peers of its own on the same
+    coordinator and evaluates each with and without the adapter."""
+    import json
+
+    for peer in list(swarm.peers):
+        swarm.stop_peer(peer)
+    console.print("the demo's peers left; compare starts its own for each format, then stops them")
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in COMPARE.items()]
+    rc, _, err = run_visible(["eval", "compare", "--coordinator", swarm.coordinator_address, "--model", str(model_dir),
+                              "--adapter", RUN, *flags, "--output-dir", str(out)], env, capture=True)
+    if rc != 0:
+        raise TsotsaError(f"tsotsa eval compare failed ({rc}): {err.strip().splitlines()[-1:] or ''}")
+    rows = json.loads((out / "results.json").read_text())["variants"]
+    accuracy = {row["variant"]: row["results"]["tsotsa_colors"]["acc,none"] for row in rows}
+    return {"compare_dir": out, "accuracy": accuracy,
+            "adapter_helps": all(accuracy[f"{kind}+{RUN}"] > accuracy[kind] for kind in COMPARE["variants"].split(","))}
 
 
 def streamed_text(tokenizer, prompt: str, new_ids: list[int]) -> str:
@@ -391,8 +413,14 @@ def main() -> int:
             results.update(fine_tune(address, env, client_cache))
             timings["fine-tune"] = time.perf_counter() - t0
 
-            # ------------------------------------------------------------- 7. shutdown
-            step(7, "Stopping every process")
+            # ------------------------------------------------------------- 7. comparison
+            step(7, "Comparing formats and the adapter with lm-eval: fp32 vs NF4 peers, with and without it")
+            t0 = time.perf_counter()
+            results.update(compare_variants(swarm, model_dir, env, work / "compare"))
+            timings["compare"] = time.perf_counter() - t0
+
+            # ------------------------------------------------------------- 8. shutdown
+            step(8, "Stopping every process")
             with console.status("peers drain (leave the DHT) and exit, then the coordinator..."):
                 t0 = time.perf_counter()
                 tracked = process_tree([swarm.coordinator.pid, *(peer.process.pid for peer in swarm.peers)])
@@ -414,7 +442,8 @@ def main() -> int:
                   f"{'all stopped' if not left else f'{len(left)} still running'}")
 
     # ------------------------------------------------------------------- summary
-    ok = results.get("tokens_equal") and results.get("cli_equal") and results.get("learned") and not left
+    ok = (results.get("tokens_equal") and results.get("cli_equal") and results.get("learned")
+          and results.get("adapter_helps") and not left)
     summary = Table(title="summary", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
@@ -428,6 +457,9 @@ def main() -> int:
     if "eval_after" in results:
         summary.add_row("fine-tuning", f"eval loss {results['eval_before']:.3f} -> {results['eval_after']:.3f} "
                                        f"in {FINE_TUNE['rounds']} rounds ({RUN})")
+    if "accuracy" in results:
+        summary.add_row("comparison", ", ".join(f"{name} {value:.2f}" for name, value in results["accuracy"].items())
+                        + f" (tsotsa_colors accuracy; tables and plots in {results['compare_dir']})")
     summary.add_row("time", f"{time.time() - began:.0f} s in all: " + ", ".join(
         f"{name} {seconds:.1f} s" for name, seconds in timings.items()))
     summary.add_row("result", "[bold green]OK[/]" if ok else "[bold red]FAILED[/]")

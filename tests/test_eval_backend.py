@@ -17,7 +17,7 @@ from lm_eval.models.huggingface import HFLM
 
 from conftest import cli, swarm_fixture
 from tsotsa.evaluation.backend import SwarmLM
-from tsotsa.evaluation.run import TASKS_DIR, EvalOptions, evaluate
+from tsotsa.evaluation.run import TASKS_DIR, EvalOptions, evaluate, shipped_tasks
 
 MAX_LENGTH = 48  # small, so that rolling loglikelihoods take several windows
 PAIRS = [("the color of the sky is", " blue"), ("Once upon", " a time there was"), ("", "hello world"),
@@ -89,8 +89,9 @@ metric_list:
 
 
 def test_task_metrics_equal_the_hf_backend_on_local_tasks(hf, lm, tmp_path):
-    options = EvalOptions(tasks=["tsotsa_colors", "tsotsa_colors_gen", "tsotsa_lab_texts", "user_yes_no"],
-                          include_paths=[user_task(tmp_path / "tasks")])
+    assert {"tsotsa_colors", "tsotsa_colors_gen", "tsotsa_lab_qa", "tsotsa_lab_continue",
+            "tsotsa_lab_texts"} <= set(shipped_tasks())  # multiple choice, short answers, generation, perplexity
+    options = EvalOptions(tasks=[*shipped_tasks(), "user_yes_no"], include_paths=[user_task(tmp_path / "tasks")])
     expected, got = evaluate(hf, options)["results"], evaluate(lm, options)["results"]
     assert set(got) == set(options.tasks)
     for task, metrics in expected.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -230,18 +231,31 @@ def plan(
 
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate the swarm with lm-eval tasks (docs/evaluation.md).")
 app.add_typer(eval_app, name="eval")
+# The options both eval commands take, and the EvalOptions they make.
+IncludePaths = Annotated[list[Path], typer.Option(help="A directory of task YAML files (repeatable).")]
+TaskLimit = Annotated[Optional[int], typer.Option(min=1, help="Documents per task (default: all).")]
+NumFewshot = Annotated[Optional[int], typer.Option(min=0, help="Few-shot examples (default: the task's).")]
+EvalBatch = Annotated[int, typer.Option(min=1, max=256, help="Sequences per Forward, generations at once.")]
+
+
+def _eval_options(tasks: str, include_path: list[Path] | None, limit: int | None, num_fewshot: int | None):
+    from tsotsa.evaluation.run import EvalOptions
+
+    return EvalOptions(tasks=[name.strip() for name in tasks.split(",") if name.strip()],
+                       include_paths=list(include_path or []), limit=limit, num_fewshot=num_fewshot)
 
 
 @eval_app.command("run")
 def eval_run(
     coordinator: CoordinatorAddress = ...,
     tasks: str = typer.Option(..., help="lm-eval task names, comma-separated (shipped: tsotsa_colors, "
-                                        "tsotsa_colors_gen, tsotsa_lab_texts)."),
+                                        "tsotsa_colors_gen, tsotsa_lab_qa, tsotsa_lab_continue, "
+                                        "tsotsa_lab_texts)."),
     adapter: str = typer.Option(None, help="A fine-tuning run whose adapter the peers apply."),
-    include_path: list[Path] = typer.Option(None, help="A directory of task YAML files (repeatable)."),
-    limit: int = typer.Option(None, min=1, help="Documents per task (default: all)."),
-    num_fewshot: int = typer.Option(None, min=0, help="Few-shot examples (default: the task's)."),
-    batch_size: int = typer.Option(8, min=1, max=256, help="Sequences per Forward, generations at once."),
+    include_path: IncludePaths = None,
+    limit: TaskLimit = None,
+    num_fewshot: NumFewshot = None,
+    batch_size: EvalBatch = 8,
     output: Path = typer.Option(None, help="Also write the results as JSON here."),
     token: SwarmToken = None,
     tls_cert: TlsCert = None,
@@ -254,16 +268,62 @@ def eval_run(
         tls = load_tls(tls_cert, tls_key, tls_ca)
         from tsotsa.client.model import SwarmModel
         from tsotsa.evaluation.backend import SwarmLM
-        from tsotsa.evaluation.run import EvalOptions, evaluate, write_results
+        from tsotsa.evaluation.run import evaluate, write_results
         from lm_eval.utils import make_table
 
-        options = EvalOptions(tasks=[name.strip() for name in tasks.split(",") if name.strip()],
-                              include_paths=list(include_path or []), limit=limit, num_fewshot=num_fewshot)
+        options = _eval_options(tasks, include_path, limit, num_fewshot)
         with SwarmModel.from_coordinator(coordinator, token=token, tls=tls) as model:
             results = evaluate(SwarmLM(model=model, adapter=adapter, batch_size=batch_size), options)
         print(make_table(results))
         if output is not None:
             write_results(results, output)
+
+    run_command(body)
+
+
+@eval_app.command("compare")
+def eval_compare(
+    variants: str = typer.Option("transformers,fp32,nf4", help="KIND[+RUN], comma-separated; KIND: transformers, "
+                                                                "fp32, bf16, int8, nf4 (peers started here) or "
+                                                                "swarm (the given swarm's peers)."),
+    model: Path = typer.Option(None, help="The checkpoint directory (peers read it; transformers loads it)."),
+    coordinator: str = typer.Option(None, help="HOST:PORT of a coordinator (without peers, unless the variant is "
+                                               "swarm); default: one is started here."),
+    adapter: str = typer.Option(None, help="A fine-tuning run: every variant also with its adapter."),
+    tasks: str = typer.Option("tsotsa_colors,tsotsa_lab_texts", help="lm-eval task names, comma-separated."),
+    include_path: IncludePaths = None,
+    limit: TaskLimit = None,
+    num_fewshot: NumFewshot = None,
+    batch_size: EvalBatch = 8,
+    peers: int = typer.Option(2, min=1, max=64, help="Peers started per variant, the blocks split evenly."),
+    threads: int = typer.Option(1, min=1, max=1024, help="torch threads of each peer and of transformers."),
+    device: str = typer.Option("cpu", help="cpu or cuda, for the peers and transformers."),
+    warmup: int = typer.Option(1, min=0, max=100, help="Latency: warm-up runs of each phase."),
+    repeats: int = typer.Option(5, min=1, max=1000, help="Latency: timed runs of each phase."),
+    new_tokens: int = typer.Option(32, min=1, max=4096, help="Latency: tokens per timed generation."),
+    concurrency: int = typer.Option(4, min=1, max=256, help="Throughput: requests at once."),
+    output_dir: Path = typer.Option(Path("eval-compare"), help="Where results.md, results.json and the plots go."),
+    token: SwarmToken = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+) -> None:
+    """Run the same tasks and latency protocol over variants (formats, adapters, transformers vs the swarm)."""
+
+    def body() -> None:
+        tls = load_tls(tls_cert, tls_key, tls_ca)
+        from tsotsa.evaluation.compare import CompareOptions, compare, parse_variants
+        from tsotsa.evaluation.latency import LatencyProtocol
+        from tsotsa.evaluation.report import write_report
+
+        options = CompareOptions(
+            variants=parse_variants(variants, adapter), output_dir=output_dir, model_dir=model, coordinator=coordinator,
+            tasks=_eval_options(tasks, include_path, limit, num_fewshot),
+            protocol=LatencyProtocol(new_tokens=new_tokens, warmup=warmup, repeats=repeats, concurrency=concurrency),
+            peers=peers, threads=threads, device=device, batch_size=batch_size, token=token, tls=tls)
+        paths = write_report(compare(options, say=lambda line: print(line, flush=True)), output_dir)
+        print(paths[1].read_text(), end="")
+        print(f"wrote {', '.join(str(path) for path in paths)}")
 
     run_command(body)
 

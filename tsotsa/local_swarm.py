@@ -113,7 +113,7 @@ class LocalPeer:
 
 @dataclass
 class LocalSwarm:
-    model_dir: Path
+    model_dir: Path | None  # None: peers fetch their blocks (local_model=False), the coordinator is elsewhere
     cache_dir: Path | None = None
     threads: int = 1
     token: str | None = None  # given to every process as TSOTSA_TOKEN (not on the command line: ps shows that)

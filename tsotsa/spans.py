@@ -22,6 +22,15 @@ from tsotsa.checkpoint import block_prefix, head_dim
 QUANT_MODES = ("none", "nf4", "int8")
 
 
+def even_spans(layers: int, parts: int) -> list[str]:
+    """Contiguous spans covering [0, layers), sizes differing by at most one block (benchmarks' and
+    `tsotsa eval compare`'s peers)."""
+    if not 1 <= parts <= layers:
+        raise ValueError(f"cannot split {layers} blocks into {parts} spans")
+    bounds = [round(i * layers / parts) for i in range(parts + 1)]
+    return [f"{bounds[i]}:{bounds[i + 1]}" for i in range(parts)]
+
+
 @dataclass(frozen=True)
 class SpanSpec:
     start: int
@@ -96,8 +105,9 @@ class BlockSpan(nn.Module):
     def parameter_bytes(self) -> int:
         """Bytes of the span's weights as held: parameters, buffers (the rotary tables) and the quantization
         state bitsandbytes keeps beside packed weights (NF4 absmax and code, int8 row scales), which torch
-        does not count among the parameters (`tsotsa plan` predicts this figure)."""
-        tensors = [*self.parameters(), *self.buffers()]
+        does not count among the parameters (`tsotsa plan` predicts this figure). Not the LoRA adapters
+        served on them: `adapter_bytes`."""
+        tensors = [*(p for name, p in self.named_parameters() if ".lora_" not in name), *self.buffers()]
         for module in self.modules():
             weight = getattr(module, "weight", None)
             state = getattr(weight, "quant_state", None)
@@ -111,6 +121,11 @@ class BlockSpan(nn.Module):
             if isinstance(scales, torch.Tensor):
                 tensors.append(scales)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes of the LoRA adapters' tensors (A and B of every run served or training) on the span."""
+        return sum(p.numel() * p.element_size() for name, p in self.named_parameters() if ".lora_" in name)
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)

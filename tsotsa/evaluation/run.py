@@ -48,6 +48,15 @@ def evaluate(lm, options: EvalOptions) -> dict:
     """lm-eval's `simple_evaluate` of `lm` on the options' tasks; its results dict."""
     import lm_eval
 
+    manager = checked_tasks(options)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes are not the user's business
+    with _quiet_git():
+        return lm_eval.simple_evaluate(model=lm, tasks=options.tasks, task_manager=manager, limit=options.limit,
+                                       num_fewshot=options.num_fewshot, log_samples=False, bootstrap_iters=1000)
+
+
+def checked_tasks(options: EvalOptions):
+    """The TaskManager that knows every task of `options`; one error line naming those none knows."""
     manager = task_manager(options.include_paths)
     unknown = [name for name in options.tasks if name not in manager.all_tasks]
     if unknown:
@@ -55,10 +64,7 @@ def evaluate(lm, options: EvalOptions) -> dict:
         still = [name for name in unknown if name not in manager.all_tasks]
         if still:
             raise TsotsaError(f"no task named {', '.join(still)} (shipped: {', '.join(shipped_tasks())})")
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes are not the user's business
-    with _quiet_git():
-        return lm_eval.simple_evaluate(model=lm, tasks=options.tasks, task_manager=manager, limit=options.limit,
-                                       num_fewshot=options.num_fewshot, log_samples=False, bootstrap_iters=1000)
+    return manager
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("model_id", "peer_id", "start_block", "end_block", "state", "device", "dtype", "quant", "throughput", "open_sessions", "max_sessions", "cache_bytes_used", "cache_bytes_limit", "checkpoint_bytes_read", "parameter_bytes_held", "checkpoint_bytes_total", "rss_bytes", "uptime_seconds", "adapters", "tokens_served", "steps_served")
+    __slots__ = ("model_id", "peer_id", "start_block", "end_block", "state", "device", "dtype", "quant", "throughput", "open_sessions", "max_sessions", "cache_bytes_used", "cache_bytes_limit", "checkpoint_bytes_read", "parameter_bytes_held", "checkpoint_bytes_total", "rss_bytes", "uptime_seconds", "adapters", "tokens_served", "steps_served", "adapter_bytes_held")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class PeerInfo(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SERVED_FIELD_NUMBER: _ClassVar[int]
     STEPS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     peer_id: str
     start_block: int
@@ -73,7 +74,8 @@ class PeerInfo(_message.Message):
     adapters: _containers.RepeatedScalarFieldContainer[str]
     tokens_served: int
     steps_served: int
-    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., throughput: _Optional[float] = ..., open_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache_bytes_used: _Optional[int] = ..., cache_bytes_limit: _Optional[int] = ..., checkpoint_bytes_read: _Optional[int] = ..., parameter_bytes_held: _Optional[int] = ..., checkpoint_bytes_total: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ..., tokens_served: _Optional[int] = ..., steps_served: _Optional[int] = ...) -> None: ...
+    adapter_bytes_held: int
+    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., quant: _Optional[str] = ..., throughput: _Optional[float] = ..., open_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., cache_bytes_used: _Optional[int] = ..., cache_bytes_limit: _Optional[int] = ..., checkpoint_bytes_read: _Optional[int] = ..., parameter_bytes_held: _Optional[int] = ..., checkpoint_bytes_total: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ..., tokens_served: _Optional[int] = ..., steps_served: _Optional[int] = ..., adapter_bytes_held: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model_id", "start_block", "end_block", "hidden_states", "attention_mask", "position_ids", "adapter")
