@@ -136,3 +136,19 @@ def test_eval_run_and_the_lm_eval_command_line_through_the_swarm(swarm, tmp_path
     unknown = subprocess.run([*cli("tsotsa"), "eval", "run", "--coordinator", swarm.coordinator_address,
                               "--tasks", "no_such_task_here"], capture_output=True, text=True, timeout=600)
     assert unknown.returncode == 1 and unknown.stderr.startswith("error: no task named no_such_task_here")
+
+
+def test_compare_of_the_given_swarm_reads_its_peers(swarm, tmp_path):
+    """`tsotsa eval compare --variants swarm`: the swarm's own peers, evaluated as they are; their RSS is the
+    current one they report (not processes of this machine's comparison)."""
+    from tsotsa.evaluation.compare import CompareOptions, compare, parse_variants
+    from tsotsa.evaluation.latency import LatencyProtocol
+
+    options = CompareOptions(variants=parse_variants("swarm"), tasks=EvalOptions(tasks=["tsotsa_colors"], limit=4),
+                             output_dir=tmp_path, coordinator=swarm.coordinator_address,
+                             protocol=LatencyProtocol(new_tokens=3, warmup=0, repeats=1, concurrency=2))
+    (row,) = compare(options, say=lambda line: None)["variants"]
+    assert row["variant"] == "swarm" and row["backend"] == "swarm"
+    assert [peer["blocks"] for peer in row["peers"]] == ["0:2", "2:4"]
+    assert all(peer["rss_measured"] == "current" and peer["peak_rss_bytes"] > 0 for peer in row["peers"])
+    assert row["results"]["tsotsa_colors"]["acc,none"] >= 0 and row["latency"]["token_ms"]["n"] == 2

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tsotsa.errors import TsotsaError
+from tsotsa.errors import SwarmError, TsotsaError
 from tsotsa.evaluation.latency import LatencyProtocol, describe_machine
 from tsotsa.evaluation.run import EvalOptions
 from tsotsa.spans import even_spans
@@ -115,7 +115,7 @@ def compare(options: CompareOptions, say: Callable[[str], None] = print) -> dict
         owned = LocalSwarm(options.model_dir, cache_dir=scratch / "peer-cache", threads=options.threads,
                            token=options.token, tls=options.tls)
         try:
-            if options.coordinator is None:
+            if options.coordinator is None and set(groups) != {"transformers"}:
                 say("starting a coordinator for the comparison...")
                 owned.start_coordinator()
             else:
@@ -162,7 +162,10 @@ def _swarm_rows(kind: str, variants: list[Variant], options: CompareOptions, own
             + (f" serving adapter {', '.join(runs)}" if runs else "") + "...")
         args = ["--dtype", dtype, "--quant", quant, "--device", options.device,
                 *(["--adapters", ",".join(runs)] if runs else [])]
-        started = owned.add_peers(spans, *args, local_model=options.model_dir is not None)
+        try:
+            started = owned.add_peers(spans, *args, local_model=options.model_dir is not None)
+        except SwarmError as error:  # its message holds the peer's whole output: the user gets its reason
+            raise TsotsaError(f"the {kind} peers did not start: {_reason(str(error))}") from None
     elif not online:
         raise TsotsaError(f"the swarm at {owned.coordinator_address} has no peer online to compare")
     try:
@@ -170,6 +173,13 @@ def _swarm_rows(kind: str, variants: list[Variant], options: CompareOptions, own
     finally:
         for peer in started:
             owned.stop_peer(peer)
+
+
+def _reason(output: str) -> str:
+    """The line of a failed peer's output that says why (its `error:` line), else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    said = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else "no output")
+    return said.removeprefix("error:").strip()
 
 
 def _swarm_row(variant: Variant, options: CompareOptions, owned, scratch: Path, started: list,
