@@ -151,13 +151,16 @@ def plot_accuracy(comparison: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.5 * max(len(tasks), 1), 4.2), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         metric = _main_metric(next(row["metrics"][task] for row in rows if task in row["metrics"]))
+        labels: dict[tuple[float, float], list[str]] = {}  # variants on the same point share one label
         for row in rows:
             entry = row["metrics"].get(task, {}).get(metric)
             if entry is None or not row["bytes_per_block"]:
                 continue
             x = row["bytes_per_block"] / MIB
             axis.errorbar([x], [entry["value"]], yerr=[entry["stderr"] or 0.0], fmt="o", capsize=4)
-            axis.annotate(row["variant"], (x, entry["value"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            labels.setdefault((round(x, 2), float(f"{entry['value']:.4g}")), []).append(row["variant"])
+        for (x, y), names in labels.items():
+            axis.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         axis.margins(x=0.25, y=0.12)  # room for the labels beside the points
         axis.set_xlabel("MiB per block")
         axis.set_ylabel(metric or "")
