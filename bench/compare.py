@@ -89,10 +89,10 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
             "throughput_tokens_per_s": latency["throughput_tokens_per_s"]["median"]}
     summary["machine"] = {key: comparison["machine"][key] for key in ("cpu", "logical_cores", "torch_threads")}
     summary["files"] = [str(path) for path in paths]
+    kept = "" if args.workdir else " (gone with the temp dir: give --workdir to keep them)"
     report(table, f"x hf: ratio to one transformers process (latency: >1 is slower; tok/s: <1 is slower); "
                   f"x fp32: memory per block against fp32 peers. Machine load after: {machine_load()}. "
-                  f"compare's tables and plots: {options.output_dir}" + ("" if args.workdir else " (gone with the temp dir: "
-                                                                               "give --workdir to keep them)"), summary)
+                  f"compare's tables and plots: {options.output_dir}{kept}", summary)
     return 0
 
 

@@ -76,6 +76,8 @@ def test_compare_writes_one_row_per_variant(compared):
         assert sum(line.startswith(f"| {variant} |") for line in report.splitlines()) == 2, report  # both tables
     assert "**Machine**" in report and "**Latency protocol**" in report and "torch 2." in report
     assert report in done.stdout  # the tables are printed too
+    for noise in ("Traceback", "Warning", "Failed to load", "WARNING"):  # stderr: progress bars only
+        assert noise not in done.stderr, done.stderr[-2000:]
     for name in ("accuracy_vs_memory.png", "latency.png"):
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
@@ -90,12 +92,14 @@ def test_compare_writes_one_row_per_variant(compared):
 def test_the_swarm_rows_equal_the_transformers_rows_and_the_adapter_helps(compared):
     rows = {row["variant"]: row for row in json.loads((compared[0] / "results.json").read_text())["variants"]}
     for base in ("", f"+{RUN}"):
-        expected, got = rows[f"transformers{base}"]["metrics"]["tsotsa_colors"], rows[f"fp32{base}"]["metrics"]["tsotsa_colors"]
+        expected = rows[f"transformers{base}"]["metrics"]["tsotsa_colors"]
+        got = rows[f"fp32{base}"]["metrics"]["tsotsa_colors"]
         assert set(expected) == {"acc", "acc_norm"} == set(got)
         for metric in expected:
             assert abs(expected[metric]["value"] - got[metric]["value"]) <= 1e-4, (base, metric, expected, got)
             assert abs(expected[metric]["stderr"] - got[metric]["stderr"]) <= 1e-4
-    base, adapted = rows["fp32"]["metrics"]["tsotsa_colors"]["acc"], rows[f"fp32+{RUN}"]["metrics"]["tsotsa_colors"]["acc"]
+    base = rows["fp32"]["metrics"]["tsotsa_colors"]["acc"]
+    adapted = rows[f"fp32+{RUN}"]["metrics"]["tsotsa_colors"]["acc"]
     assert adapted["value"] > base["value"], (base, adapted)
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -68,7 +69,7 @@ def load_tls(cert: Path | None, key: Path | None, ca: Path | None) -> "TlsSettin
 
 
 def quiet_libraries() -> None:
-    """Keeps hivemind's, transformers' and bitsandbytes' chatter (and progress bars) off a user's terminal.
+    """Keeps hivemind's, transformers', peft's and bitsandbytes' chatter (and progress bars) off a user's terminal.
     Through the variables they read at import where possible: a tool that never needs transformers never
     loads it. bitsandbytes warns at import that it cannot fetch an optional CPU kernel from the model hub
     (installing `kernels` would make it try): its logger is set before anything imports it."""
@@ -78,6 +79,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # else gRPC logs each failed TLS handshake at INFO on stderr
     logging.getLogger("hivemind").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft 0.21 asks transformers 5.24 the attribute it deprecated, whenever it wraps a model
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

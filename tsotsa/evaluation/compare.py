@@ -50,7 +50,8 @@ def parse_variants(text: str, adapter: str | None = None) -> list[Variant]:
             continue
         kind, _, run = item.partition("+")
         if kind not in KINDS:
-            raise TsotsaError(f"unknown variant {item!r}: a variant is KIND or KIND+RUN, KIND one of {', '.join(KINDS)}")
+            raise TsotsaError(f"unknown variant {item!r}: a variant is KIND or KIND+RUN, KIND one of "
+                              f"{', '.join(KINDS)}")
         for variant in [Variant(kind, run or None)] + ([Variant(kind, adapter)] if adapter and not run else []):
             if variant in variants:
                 raise TsotsaError(f"variant {variant.name} is listed twice")
@@ -206,7 +207,8 @@ def _swarm_row(variant: Variant, options: CompareOptions, owned, scratch: Path, 
         peak = peak_rss(local.process.pid) if local is not None else None
         peer["peak_rss_bytes"], peer["rss_measured"] = (peak, "peak") if peak else (peer["rss_bytes"], "current")
     return {"variant": variant.name, "kind": variant.kind, "adapter": variant.adapter, "backend": "swarm",
-            "dtype": ", ".join(sorted({p["dtype"] for p in peers})), "quant": ", ".join(sorted({p["quant"] for p in peers})),
+            "dtype": ", ".join(sorted({p["dtype"] for p in peers})),
+            "quant": ", ".join(sorted({p["quant"] for p in peers})),
             "results": results["results"], "latency": latency, "peers": peers,
             "bytes_per_block": max((p["bytes_per_block"] for p in peers), default=None),
             "peak_rss_bytes": max((p["peak_rss_bytes"] or 0 for p in peers), default=None)}

@@ -204,7 +204,8 @@ def describe_machine() -> dict:
     import psutil
     import torch
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
     return {"cpu": _cpu_model(), "physical_cores": psutil.cpu_count(logical=False), "logical_cores": os.cpu_count(),
             "memory_bytes": psutil.virtual_memory().total, "gpus": gpus, "torch_threads": torch.get_num_threads(),
             "os": f"{platform.system()} {platform.release()}", "python": sys.version.split()[0],

@@ -91,14 +91,15 @@ def markdown(comparison: dict) -> str:
              f"{'the tasks’ own' if protocol['num_fewshot'] is None else protocol['num_fewshot']}, batch "
              f"{protocol['batch_size']}); swarm variants on {protocol['peers_per_variant']} peers started on this "
              "machine unless the variant is `swarm`.", "",
-             f"**Latency protocol**: {latency['warmup']} warm-up run(s) of each phase, then {latency['repeats']} greedy "
-             f"generations of {latency['new_tokens']} tokens one at a time (time to first token, gaps between tokens, "
-             f"tokens/s per stream) and {latency['repeats']} rounds of {latency['concurrency']} requests at once "
+             f"**Latency protocol**: {latency['warmup']} warm-up run(s) of each phase, then {latency['repeats']} "
+             f"greedy generations of {latency['new_tokens']} tokens one at a time (time to first token, gaps "
+             f"between tokens, tokens/s per stream) and {latency['repeats']} rounds of {latency['concurrency']} requests at once "
              "(tokens/s and requests/s of each round; the swarm gets them as concurrent requests, transformers as "
              f"one batch), over {len(latency['prompts'])} prompts in turn. Figures are medians unless said; p99 over "
              "all token gaps.", "", "## Accuracy", ""]
     columns = _columns(comparison)
-    lines.append("| variant | backend | dtype / quant | " + " | ".join(f"{task} {metric}" for task, metric in columns) + " |")
+    headers = " | ".join(f"{task} {metric}" for task, metric in columns)
+    lines.append(f"| variant | backend | dtype / quant | {headers} |")
     lines.append("|" + "---|" * (3 + len(columns)))
     for row in comparison["variants"]:
         cells = []
@@ -109,7 +110,7 @@ def markdown(comparison: dict) -> str:
             else:
                 stderr = "" if entry["stderr"] is None else f" ± {_number(entry['stderr'])}"
                 cells.append(_number(entry["value"]) + stderr)
-        lines.append(f"| {row['variant']} | {_backend(row)} | {row['dtype']} / {row['quant']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['variant']} | {_backend(row)} | {row['dtype']} / {row['quant']} | {' | '.join(cells)} |")
     lines += ["", "## Latency, throughput, memory", "",
               "| variant | bytes per block | peak RSS per peer | ms per token p50 | ms per token p99 | "
               "ms per token mean | TTFT ms | tok/s (1 stream) | tok/s "

@@ -22,17 +22,18 @@ def run(spec: dict) -> dict:
     loaded once; each adapter is loaded onto it in turn (as the swarm's peers serve them side by side)."""
     import logging
 
+    from tsotsa.console import parse_dtype, quiet_libraries
+
+    quiet_libraries()  # before bitsandbytes is imported (by peft, lm-eval): it warns at import
     import torch
     from lm_eval.models.huggingface import HFLM
     from peft import PeftModel
     from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from tsotsa.console import parse_dtype, quiet_libraries
     from tsotsa.evaluation.latency import LatencyProtocol, TransformersGenerator, measure, runs_of
     from tsotsa.evaluation.run import EvalOptions, evaluate
 
-    quiet_libraries()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # "pretrained is not a str": it is on purpose here
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
