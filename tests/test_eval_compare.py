@@ -132,7 +132,8 @@ def test_variants_and_options_are_checked_before_anything_starts(colors_model, t
            ("swarm", None, {"model_dir": colors_model}),                        # swarm needs --coordinator
            ("fp32", RUN, {"model_dir": colors_model}),                          # adapters need a coordinator
            ("swarm,fp32", None, {"coordinator": "127.0.0.1:1", "model_dir": colors_model}),
-           ("fp32", None, {"model_dir": tmp_path})]                           # not a checkpoint
+           ("fp32", None, {"model_dir": tmp_path}),                           # not a checkpoint
+           ("fp32", None, {"model_dir": colors_model, "peers": 3})]           # 2 blocks
     for text, adapter, fields in bad:
         with pytest.raises(TsotsaError):
             CompareOptions(variants=parse_variants(text, adapter), tasks=tasks, output_dir=tmp_path / "out", **fields)

@@ -97,6 +97,10 @@ class CompareOptions:
                               f"{', '.join(sorted(kinds & set(PEER_KINDS)))} start their own: compare them apart")
         if self.peers < 1 or self.threads < 1 or self.batch_size < 1:
             raise TsotsaError("--peers, --threads and --batch-size must be at least 1")
+        if self.model_dir is not None and kinds & set(PEER_KINDS):
+            blocks = json.loads((Path(self.model_dir) / "config.json").read_text()).get("num_hidden_layers", 0)
+            if self.peers > blocks:
+                raise TsotsaError(f"--peers {self.peers} is more than the model's {blocks} blocks")
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise TsotsaError(f"--output-dir {self.output_dir} is a file")
 
