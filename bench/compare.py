@@ -25,9 +25,10 @@ import torch
 
 from bench_model import build_or_reuse_model, model_summary
 from common import bench_parser, machine_load, report, run_in_workdir
+from tsotsa.checkpoint import load_config
 from tsotsa.evaluation.compare import CompareOptions, compare, parse_variants
 from tsotsa.evaluation.latency import LatencyProtocol
-from tsotsa.evaluation.report import task_metrics, write_report
+from tsotsa.evaluation.report import write_report
 from tsotsa.evaluation.run import EvalOptions
 
 
@@ -66,9 +67,9 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
     fp32 = next((row for row in rows if row["kind"] == "fp32"), baseline)
     table = [("variant", "acc", "word ppl", "KiB/block", "x fp32", "RSS/peer MiB", "ms/tok p50", "x hf", "p99",
               "TTFT ms", "tok/s 1", "x hf", f"tok/s {args.concurrency}", "x hf")]
-    summary = {"model": model_summary(_config(model_dir)), "variants": {}}
+    summary = {"model": model_summary(load_config(model_dir)), "variants": {}}
     for row in rows:
-        metrics = task_metrics(row["results"])
+        metrics = row["metrics"]
         acc = next((m["acc"]["value"] for m in metrics.values() if "acc" in m), None)
         ppl = next((m["word_perplexity"]["value"] for m in metrics.values() if "word_perplexity" in m), None)
         latency, base = row["latency"], baseline["latency"]
@@ -94,12 +95,6 @@ def run(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> int:
                   f"x fp32: memory per block against fp32 peers. Machine load after: {machine_load()}. "
                   f"compare's tables and plots: {options.output_dir}{kept}", summary)
     return 0
-
-
-def _config(model_dir: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir)
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def compare_variants(swarm: LocalSwarm, model_dir: Path, env: dict[str, str], ou
     if rc != 0:
         raise TsotsaError(f"tsotsa eval compare failed ({rc}): {err.strip().splitlines()[-1:] or ''}")
     rows = json.loads((out / "results.json").read_text())["variants"]
-    accuracy = {row["variant"]: row["results"]["tsotsa_colors"]["acc,none"] for row in rows}
+    accuracy = {row["variant"]: row["metrics"]["tsotsa_colors"]["acc"]["value"] for row in rows}
     return {"compare_dir": out, "accuracy": accuracy,
             "adapter_helps": all(accuracy[f"{kind}+{RUN}"] > accuracy[kind] for kind in COMPARE["variants"].split(","))}
 

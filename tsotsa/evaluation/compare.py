@@ -18,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tsotsa.checkpoint import load_config
 from tsotsa.errors import SwarmError, TsotsaError
 from tsotsa.evaluation.latency import LatencyProtocol, describe_machine
 from tsotsa.evaluation.run import EvalOptions
@@ -98,15 +99,21 @@ class CompareOptions:
         if self.peers < 1 or self.threads < 1 or self.batch_size < 1:
             raise TsotsaError("--peers, --threads and --batch-size must be at least 1")
         if self.model_dir is not None and kinds & set(PEER_KINDS):
-            blocks = json.loads((Path(self.model_dir) / "config.json").read_text()).get("num_hidden_layers", 0)
-            if self.peers > blocks:
-                raise TsotsaError(f"--peers {self.peers} is more than the model's {blocks} blocks")
+            check_peers(self.peers, load_config(self.model_dir).num_hidden_layers)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise TsotsaError(f"--output-dir {self.output_dir} is a file")
 
 
+def check_peers(peers: int, blocks: int) -> None:
+    """Peers on even spans of `blocks` blocks: at most one per block."""
+    if peers > blocks:
+        raise TsotsaError(f"--peers {peers} is more than the model's {blocks} blocks")
+
+
 def compare(options: CompareOptions, say: Callable[[str], None] = print) -> dict:
-    """Evaluates every variant; returns the comparison (what `report.write_report` writes)."""
+    """Evaluates every variant; returns the comparison (what `report.write_report` writes): per variant its
+    lm-eval results and their `metrics` (`report.task_metrics`), latency, peers and memory."""
+    from tsotsa.evaluation.report import task_metrics
     from tsotsa.evaluation.run import checked_tasks
     from tsotsa.local_swarm import LocalSwarm
 
@@ -138,6 +145,8 @@ def compare(options: CompareOptions, say: Callable[[str], None] = print) -> dict
                 done += len(variants)
         finally:
             owned.stop()
+    for row in rows:
+        row["metrics"] = task_metrics(row["results"])
     return {"machine": {**describe_machine(), "threads_per_process": options.threads, "device": options.device},
             "protocol": {"latency": options.protocol.as_dict(), "tasks": options.tasks.tasks,
                          "limit": options.tasks.limit, "num_fewshot": options.tasks.num_fewshot,
@@ -147,20 +156,21 @@ def compare(options: CompareOptions, say: Callable[[str], None] = print) -> dict
 
 def _swarm_rows(kind: str, variants: list[Variant], options: CompareOptions, owned, scratch: Path,
                 say: Callable[[str], None]) -> list[dict]:
-    """Starts KIND's peers (unless KIND is `swarm`), evaluates each variant through them, stops them."""
+    """Starts KIND's peers (unless KIND is `swarm`), evaluates each variant through them (one client for all),
+    stops them."""
+    from tsotsa.client.model import SwarmModel
     from tsotsa.coordinator_client import CoordinatorClient
 
     with CoordinatorClient(owned.coordinator_address, token=options.token, tls=options.tls) as client:
         num_blocks = client.model_info().num_blocks
-        online = [peer for peer in client.swarm_status().peers if peer.state == "online"]
+        online = _online(client)
     started = []
     if kind != "swarm":
         if online:
             raise TsotsaError(f"the swarm at {owned.coordinator_address} has {len(online)} peers online: "
                               f"{kind} starts its own; give a coordinator without peers (or compare variant swarm)")
         dtype, quant = PEER_KINDS[kind]
-        if options.peers > num_blocks:
-            raise TsotsaError(f"--peers {options.peers} is more than the model's {num_blocks} blocks")
+        check_peers(options.peers, num_blocks)  # (the coordinator's model, when --model was not given)
         spans = even_spans(num_blocks, options.peers)
         runs = sorted({variant.adapter for variant in variants if variant.adapter})
         say(f"starting {len(spans)} {kind} peers (blocks {', '.join(spans)})"
@@ -174,10 +184,18 @@ def _swarm_rows(kind: str, variants: list[Variant], options: CompareOptions, own
     elif not online:
         raise TsotsaError(f"the swarm at {owned.coordinator_address} has no peer online to compare")
     try:
-        return [_swarm_row(variant, options, owned, scratch, started, say) for variant in variants]
+        with SwarmModel.from_coordinator(owned.coordinator_address, cache_dir=scratch / "client-cache",
+                                         token=options.token, tls=options.tls) as model:
+            return [_swarm_row(model, variant, options, owned.coordinator_address, started, say)
+                    for variant in variants]
     finally:
         for peer in started:
             owned.stop_peer(peer)
+
+
+def _online(client) -> list:
+    """The swarm map's peers that serve now (a peer that just left may still be listed, draining)."""
+    return [peer for peer in client.swarm_status().peers if peer.state == "online"]
 
 
 def _reason(output: str) -> str:
@@ -187,24 +205,17 @@ def _reason(output: str) -> str:
     return said.removeprefix("error:").strip()
 
 
-def _swarm_row(variant: Variant, options: CompareOptions, owned, scratch: Path, started: list,
+def _swarm_row(model, variant: Variant, options: CompareOptions, coordinator: str, started: list,
                say: Callable[[str], None]) -> dict:
-    from tqdm import tqdm
-
-    from tsotsa.client.model import SwarmModel
+    """One variant through `model` (a client of the swarm): its tasks, its latency, its peers' account."""
     from tsotsa.evaluation.backend import SwarmLM
-    from tsotsa.evaluation.latency import SwarmGenerator, measure, peak_rss, runs_of
+    from tsotsa.evaluation.latency import SwarmGenerator, measure, peak_rss
     from tsotsa.evaluation.run import evaluate
 
     say(f"{variant.name}: lm-eval tasks {', '.join(options.tasks.tasks)}, then the latency protocol")
-    with SwarmModel.from_coordinator(owned.coordinator_address, cache_dir=scratch / "client-cache", token=options.token,
-                                     tls=options.tls) as model:
-        results = evaluate(SwarmLM(model=model, adapter=variant.adapter, batch_size=options.batch_size), options.tasks)
-        prompts = [model.tokenizer(text)["input_ids"] for text in options.protocol.prompts]
-        with tqdm(total=runs_of(options.protocol), desc=f"latency ({variant.name})") as progress:
-            latency = measure(SwarmGenerator(model, variant.adapter), prompts, options.protocol,
-                              lambda: progress.update(1))
-    peers = _peer_infos(owned.coordinator_address, options)
+    results = evaluate(SwarmLM(model=model, adapter=variant.adapter, batch_size=options.batch_size), options.tasks)
+    latency = measure(SwarmGenerator(model, variant.adapter), model.tokenizer, options.protocol, variant.name)
+    peers = _peer_infos(coordinator, options)
     by_address = {peer.address: peer for peer in started}
     for peer in peers:
         local = by_address.get(peer["address"])
@@ -226,7 +237,7 @@ def _peer_infos(coordinator: str, options: CompareOptions) -> list[dict]:
     from tsotsa.v1 import tsotsa_pb2_grpc as pb_grpc
 
     with CoordinatorClient(coordinator, token=options.token, tls=options.tls) as client:
-        records = [peer for peer in client.swarm_status().peers if peer.state == "online"]
+        records = _online(client)
     peers = []
     for record in records:
         with open_channel(record.address, options.token, options.tls) as channel:
@@ -250,11 +261,9 @@ def _transformers_rows(variants: list[Variant], options: CompareOptions, scratch
             "variants": [{"name": variant.name, "adapter_dir": _export_adapter(variant.adapter, coordinator, options,
                                                                                scratch) if variant.adapter else None}
                          for variant in ordered],
-            "tasks": {"tasks": options.tasks.tasks, "include_paths": [str(p) for p in options.tasks.include_paths],
-                      "limit": options.tasks.limit, "num_fewshot": options.tasks.num_fewshot},
-            "protocol": options.protocol.as_dict()}
+            "tasks": asdict(options.tasks), "protocol": options.protocol.as_dict()}
     spec_path, out_path = scratch / "transformers.spec.json", scratch / "transformers.out.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(spec, default=str))  # (the include paths as strings)
     subprocess.run([sys.executable, "-m", "tsotsa.evaluation.single_process", str(spec_path), str(out_path)],
                    check=False)
     if not out_path.exists():

@@ -77,9 +77,18 @@ def summary(values: Sequence[float]) -> dict[str, float | int]:
             "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
 
 
-def measure(generator: Generator, prompts: list[list[int]], protocol: LatencyProtocol,
-            progress: Callable[[], None] = lambda: None) -> dict[str, dict]:
-    """The protocol's figures for `generator` over the tokenized `prompts`; `progress` after each run."""
+def measure(generator: Generator, tokenizer, protocol: LatencyProtocol, label: str) -> dict[str, dict]:
+    """The protocol's figures for `generator` over the protocol's prompts as `tokenizer` encodes them, with a
+    progress bar ("latency (LABEL)") on stderr."""
+    from tqdm import tqdm
+
+    prompts = [tokenizer(text)["input_ids"] for text in protocol.prompts]
+    with tqdm(total=2 * (protocol.warmup + protocol.repeats), desc=f"latency ({label})") as bar:
+        return _timed(generator, prompts, protocol, lambda: bar.update(1))
+
+
+def _timed(generator: Generator, prompts: list[list[int]], protocol: LatencyProtocol,
+           progress: Callable[[], None]) -> dict[str, dict]:
     new = protocol.new_tokens
 
     def batch(round_: int) -> list[list[int]]:
@@ -113,11 +122,6 @@ def measure(generator: Generator, prompts: list[list[int]], protocol: LatencyPro
     return {"ttft_ms": summary(first_token), "token_ms": summary(gaps or [0.0]),
             "tokens_per_s": summary(stream_rates), "throughput_tokens_per_s": summary(token_rates),
             "requests_per_s": summary(request_rates)}
-
-
-def runs_of(protocol: LatencyProtocol) -> int:
-    """How many generation calls (warm-up included) `measure` makes: a progress bar's total."""
-    return 2 * (protocol.warmup + protocol.repeats)
 
 
 class SwarmGenerator:

@@ -34,8 +34,6 @@ def task_metrics(results: dict) -> dict[str, dict[str, dict]]:
 def write_report(comparison: dict, directory: Path) -> list[Path]:
     """Writes the four files into `directory` (made if missing); returns their paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    for row in comparison["variants"]:
-        row["metrics"] = task_metrics(row["results"])
     paths = [directory / name for name in FILES]
     paths[0].write_text(json.dumps(comparison, indent=2, default=str) + "\n")
     paths[1].write_text(markdown(comparison))
@@ -140,13 +138,19 @@ def _main_metric(metrics: dict[str, dict]) -> str | None:
     return next(iter(metrics), None)
 
 
-def plot_accuracy(comparison: dict, path: Path) -> None:
-    """One panel per task: its main metric (with the standard error) against MiB per block, per variant."""
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend: PNGs without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_accuracy(comparison: dict, path: Path) -> None:
+    """One panel per task: its main metric (with the standard error) against MiB per block, per variant."""
+    plt = _pyplot()
     rows = comparison["variants"]
     tasks = list(dict.fromkeys(task for row in rows for task in row["metrics"]))
     figure, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.5 * max(len(tasks), 1), 4.2), squeeze=False)
@@ -175,11 +179,7 @@ def plot_accuracy(comparison: dict, path: Path) -> None:
 
 def plot_latency(comparison: dict, path: Path) -> None:
     """Per variant: latency per token (median and p99) and time to first token (median), in ms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = comparison["variants"]
     names = [row["variant"] for row in rows]
     series = [("per token p50", lambda f: f["token_ms"]["median"]), ("per token p99", lambda f: f["token_ms"]["p99"]),

@@ -28,10 +28,9 @@ def run(spec: dict) -> dict:
     import torch
     from lm_eval.models.huggingface import HFLM
     from peft import PeftModel
-    from tqdm import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from tsotsa.evaluation.latency import LatencyProtocol, TransformersGenerator, measure, runs_of
+    from tsotsa.evaluation.latency import LatencyProtocol, TransformersGenerator, measure
     from tsotsa.evaluation.run import EvalOptions, evaluate
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # "pretrained is not a str": it is on purpose here
@@ -45,7 +44,6 @@ def run(spec: dict) -> dict:
     layer = model.model.layers[0]
     block_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())  # before any adapter joins it
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    prompts = [tokenizer(text)["input_ids"] for text in protocol.prompts]
     rows = []
     for variant in spec["variants"]:
         adapter = variant.get("adapter_dir")
@@ -58,8 +56,7 @@ def run(spec: dict) -> dict:
             model.eval()
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec["batch_size"])
         results = evaluate(lm, options)
-        with tqdm(total=runs_of(protocol), desc=f"latency ({variant['name']})") as progress:
-            latency = measure(TransformersGenerator(model, pad), prompts, protocol, lambda: progress.update(1))
+        latency = measure(TransformersGenerator(model, pad), tokenizer, protocol, variant["name"])
         rows.append({"name": variant["name"], "results": results["results"], "latency": latency})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {"variants": rows, "bytes_per_block": block_bytes, "num_blocks": model.config.num_hidden_layers,
